@@ -1,0 +1,263 @@
+//! Configuration: environment variables with matching flags, validated once at start.
+//!
+//! Every value that can be wrong is checked here so that a bad deployment fails at once with one
+//! line naming the variable, instead of failing later under traffic.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use url::Url;
+
+pub const DEFAULT_DATABASE_URL: &str = "sqlite://endpoint-stats.db";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "endpoint-stats",
+    version,
+    about = "Counts accesses to its API endpoints: exactly, durably and fast, across replicas",
+    propagate_version = true,
+    args_conflicts_with_subcommands = true
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
+    /// Options of `serve`, also accepted without the subcommand (serve is the default).
+    #[command(flatten)]
+    pub serve: ServeArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve the HTTP API (the default).
+    Serve(ServeArgs),
+    /// Apply the database migrations and exit (for an init container).
+    Migrate(DatabaseArgs),
+    /// Write a consistent, checksummed dump of the database and prune old ones.
+    Backup(crate::ops::backup::BackupArgs),
+    /// Restore the newest dump into a scratch database and compare it with its manifest.
+    VerifyBackup(crate::ops::verify::VerifyArgs),
+    /// Disaster recovery: restore a dump into the database of DATABASE_URL.
+    Restore(crate::ops::restore::RestoreArgs),
+    /// VACUUM ANALYZE, index and bloat report, Redis housekeeping.
+    Maintain(crate::ops::maintain::MaintainArgs),
+    /// Health of the whole system: replicas, PostgreSQL, Redis, Prometheus, Alertmanager, backups.
+    Check(crate::ops::check::CheckArgs),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Json,
+    Text,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct DatabaseArgs {
+    /// Database URL: postgres://… in production; SQLite file when unset.
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = DEFAULT_DATABASE_URL,
+        hide_env_values = true
+    )]
+    pub database_url: String,
+
+    /// Connections in the database pool.
+    #[arg(long, env = "DB_POOL_SIZE", default_value_t = 10, value_parser = clap::value_parser!(u32).range(2..=1000))]
+    pub db_pool_size: u32,
+
+    /// Log format.
+    #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Json)]
+    pub log_format: LogFormat,
+
+    /// Log filter (tracing EnvFilter syntax), e.g. `info` or `endpoint_stats=debug`.
+    #[arg(long, env = "RUST_LOG", default_value = "info")]
+    pub log_level: String,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+
+    /// Redis URL for the recent-window counters shared by all replicas; in-process when unset.
+    #[arg(long, env = "REDIS_URL", hide_env_values = true)]
+    pub redis_url: Option<String>,
+
+    /// Prefix of every Redis key this service writes.
+    #[arg(long, env = "REDIS_KEY_PREFIX", default_value = "endpoint-stats:")]
+    pub redis_key_prefix: String,
+
+    /// TCP port to serve on.
+    #[arg(long, env = "PORT", default_value_t = 9999)]
+    pub port: u16,
+
+    /// Address to bind.
+    #[arg(long, env = "BIND", default_value = "0.0.0.0")]
+    pub bind: IpAddr,
+
+    /// Upper bound for a counted request; past it the client gets 503.
+    #[arg(long, env = "REQUEST_TIMEOUT_SECS", default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=300))]
+    pub request_timeout_secs: u64,
+
+    /// Time allowed after SIGTERM to drain in-flight requests and flush.
+    #[arg(long, env = "SHUTDOWN_GRACE_SECS", default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub shutdown_grace_secs: u64,
+}
+
+/// What `serve` runs with, after validation.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub database: DatabaseSettings,
+    pub redis: Option<RedisSettings>,
+    pub listen: SocketAddr,
+    pub request_timeout: Duration,
+    pub shutdown_grace: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct DatabaseSettings {
+    pub url: DatabaseUrl,
+    pub pool_size: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct RedisSettings {
+    pub url: String,
+    pub key_prefix: String,
+}
+
+/// A validated database URL. `Debug` and `Display` never show the password.
+#[derive(Clone)]
+pub enum DatabaseUrl {
+    Postgres(Url),
+    Sqlite(String),
+}
+
+impl DatabaseUrl {
+    pub fn parse(raw: &str) -> Result<Self, ConfigError> {
+        let url = Url::parse(raw).map_err(|e| ConfigError::invalid("DATABASE_URL", e))?;
+        match url.scheme() {
+            "postgres" | "postgresql" => {
+                if url.host_str().is_none_or(str::is_empty) {
+                    return Err(ConfigError::invalid("DATABASE_URL", "no host in postgres URL"));
+                }
+                Ok(Self::Postgres(url))
+            }
+            "sqlite" => Ok(Self::Sqlite(raw.to_owned())),
+            other => Err(ConfigError::invalid(
+                "DATABASE_URL",
+                format!("unsupported scheme `{other}` (expected postgres:// or sqlite://)"),
+            )),
+        }
+    }
+
+    /// The URL to hand to the driver (contains the password, if any).
+    pub fn expose(&self) -> &str {
+        match self {
+            Self::Postgres(url) => url.as_str(),
+            Self::Sqlite(raw) => raw,
+        }
+    }
+
+    pub fn is_postgres(&self) -> bool {
+        matches!(self, Self::Postgres(_))
+    }
+}
+
+impl std::fmt::Display for DatabaseUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Postgres(url) => f.write_str(&redact_url(url)),
+            Self::Sqlite(raw) => f.write_str(raw),
+        }
+    }
+}
+
+impl std::fmt::Debug for DatabaseUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "DatabaseUrl({self})")
+    }
+}
+
+/// `scheme://user:***@host:port/path`: safe for logs and error messages.
+pub fn redact_url(url: &Url) -> String {
+    let mut shown = url.clone();
+    if shown.password().is_some() {
+        // set_password only fails for URLs that cannot have credentials; those have none to hide
+        let _ = shown.set_password(Some("***"));
+    }
+    shown.to_string()
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{variable}: {problem}")]
+pub struct ConfigError {
+    pub variable: &'static str,
+    pub problem: String,
+}
+
+impl ConfigError {
+    pub fn invalid(variable: &'static str, problem: impl std::fmt::Display) -> Self {
+        Self { variable, problem: problem.to_string() }
+    }
+}
+
+impl DatabaseArgs {
+    pub fn settings(&self) -> Result<DatabaseSettings, ConfigError> {
+        Ok(DatabaseSettings { url: DatabaseUrl::parse(&self.database_url)?, pool_size: self.db_pool_size })
+    }
+}
+
+impl ServeArgs {
+    pub fn settings(&self) -> Result<Settings, ConfigError> {
+        let redis = match self.redis_url.as_deref().map(str::trim) {
+            None | Some("") => None,
+            Some(raw) => {
+                let url = Url::parse(raw).map_err(|e| ConfigError::invalid("REDIS_URL", e))?;
+                if !matches!(url.scheme(), "redis" | "rediss" | "unix" | "redis+unix") {
+                    return Err(ConfigError::invalid(
+                        "REDIS_URL",
+                        format!("unsupported scheme `{}` (expected redis://)", url.scheme()),
+                    ));
+                }
+                Some(RedisSettings { url: raw.to_owned(), key_prefix: self.redis_key_prefix.clone() })
+            }
+        };
+        Ok(Settings {
+            database: self.database.settings()?,
+            redis,
+            listen: SocketAddr::new(self.bind, self.port),
+            request_timeout: Duration::from_secs(self.request_timeout_secs),
+            shutdown_grace: Duration::from_secs(self.shutdown_grace_secs),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn postgres_url_is_redacted_in_display() {
+        let url = DatabaseUrl::parse("postgres://app:s3cret@db:5432/stats").expect("valid URL");
+        let shown = url.to_string();
+        assert!(!shown.contains("s3cret"), "{shown}");
+        assert!(shown.contains("app:***@db"), "{shown}");
+        assert!(!format!("{url:?}").contains("s3cret"));
+    }
+
+    #[test]
+    fn unparsable_and_unsupported_urls_name_the_variable() {
+        for bad in ["not a url", "mysql://db/x", "postgres:///nohost"] {
+            let err = DatabaseUrl::parse(bad).expect_err(bad);
+            assert_eq!(err.variable, "DATABASE_URL", "{bad}");
+        }
+    }
+
+    #[test]
+    fn sqlite_default_is_accepted() {
+        assert!(!DatabaseUrl::parse(DEFAULT_DATABASE_URL).expect("default").is_postgres());
+    }
+}

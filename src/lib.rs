@@ -1,0 +1,18 @@
+//! endpoint-stats: counts accesses to its API endpoints exactly, durably and fast, across any
+//! number of replicas, plus the operations commands that keep it running.
+//!
+//! - [`config`]: environment and flags, validated once
+//! - [`startup`]: `Application::build` and graceful shutdown
+//! - [`routes`]: the HTTP contract
+//! - [`store`]: the counting store (group commit over PostgreSQL or SQLite)
+//! - [`windows`]: recent-window counters (Redis or in-process)
+//! - [`telemetry`]: logs and metrics
+//! - [`ops`]: backup, verify-backup, restore, maintain, check
+
+pub mod config;
+pub mod ops;
+pub mod routes;
+pub mod startup;
+pub mod store;
+pub mod telemetry;
+pub mod windows;

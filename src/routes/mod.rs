@@ -1,0 +1,53 @@
+//! HTTP routes. Counted API routes live in `counting`, the probes in `probes`, and the
+//! Prometheus and OpenAPI documents in `metrics` and `openapi`.
+
+mod counting;
+mod errors;
+mod metrics;
+mod openapi;
+mod probes;
+
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use axum::routing::get;
+use axum::Router;
+use tower_http::catch_panic::CatchPanicLayer;
+
+pub use errors::ApiError;
+pub use openapi::ApiDoc;
+
+use crate::store::batcher::AccessCounter;
+use crate::store::Database;
+use crate::telemetry::{tag_matched_route, track_http, Metrics};
+use crate::windows::Windows;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub counter: AccessCounter,
+    pub database: Database,
+    pub windows: Windows,
+    pub metrics: Metrics,
+    /// Set on SIGTERM so that readiness fails while in-flight requests drain.
+    pub shutting_down: Arc<AtomicBool>,
+}
+
+pub fn router(state: AppState) -> Router {
+    let metrics = state.metrics.clone();
+    Router::new()
+        .route("/", get(counting::root))
+        .route("/stats", get(counting::stats))
+        .route("/api/v1/endpoints", get(counting::endpoints))
+        .route("/health", get(probes::health))
+        .route("/ready", get(probes::ready))
+        .route("/metrics", get(metrics::render))
+        .route("/openapi.json", get(openapi::document))
+        // Runs only for requests that matched a route (including 405s on a known path), where the
+        // route template is known; the outer layer labels everything else `unmatched`.
+        .route_layer(axum::middleware::from_fn(tag_matched_route))
+        .method_not_allowed_fallback(errors::method_not_allowed)
+        .fallback(errors::not_found)
+        .layer(axum::middleware::from_fn_with_state(metrics, track_http))
+        .layer(CatchPanicLayer::custom(errors::panic_response))
+        .with_state(state)
+}

@@ -1,0 +1,86 @@
+//! Liveness and readiness.
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Serialize;
+
+use super::AppState;
+
+/// A readiness probe must answer before the kubelet's own timeout (1 s by default).
+const READY_CHECK_TIMEOUT: Duration = Duration::from_millis(800);
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct HealthResponse {
+    pub status: &'static str,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ReadyResponse {
+    /// `ready` or `unavailable`.
+    pub status: &'static str,
+    /// What is down, when not ready.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    pub checks: ReadyChecks,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ReadyChecks {
+    /// `ok` or why not.
+    pub database: String,
+    /// `ok`, `not_configured` or `degraded: …` (Redis never fails readiness).
+    pub redis: String,
+    /// `ok` or `shutting_down`.
+    pub server: &'static str,
+}
+
+/// Liveness: the process serves. Never touches the database, so a database outage does not make
+/// Kubernetes restart healthy pods.
+#[utoipa::path(get, path = "/health", tag = "probes", responses((status = 200, body = HealthResponse)))]
+pub async fn health() -> Json<HealthResponse> {
+    Json(HealthResponse { status: "ok" })
+}
+
+/// Readiness: database answers and migrations are applied, and the replica is not shutting down.
+#[utoipa::path(get, path = "/ready", tag = "probes",
+    responses((status = 200, body = ReadyResponse), (status = 503, body = ReadyResponse)))]
+pub async fn ready(State(state): State<AppState>) -> Response {
+    let database = async {
+        match tokio::time::timeout(READY_CHECK_TIMEOUT, state.database.check_ready()).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(error)) => Err(error.to_string()),
+            Err(_) => Err(format!("database did not answer within {READY_CHECK_TIMEOUT:?}")),
+        }
+    };
+    let (database, redis) = tokio::join!(database, state.windows.redis_health());
+    let shutting_down = state.shutting_down.load(Ordering::Relaxed);
+
+    let redis = match redis {
+        None => "not_configured".to_owned(),
+        Some(Ok(())) => "ok".to_owned(),
+        Some(Err(error)) => format!("degraded: {error}"),
+    };
+    let mut problems = Vec::new();
+    if let Err(error) = &database {
+        problems.push(format!("database: {error}"));
+    }
+    if shutting_down {
+        problems.push("server: shutting down".to_owned());
+    }
+    let checks = ReadyChecks {
+        database: database.err().unwrap_or_else(|| "ok".to_owned()),
+        redis,
+        server: if shutting_down { "shutting_down" } else { "ok" },
+    };
+    if problems.is_empty() {
+        (StatusCode::OK, Json(ReadyResponse { status: "ready", error: None, checks })).into_response()
+    } else {
+        let body = ReadyResponse { status: "unavailable", error: Some(problems.join("; ")), checks };
+        (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
+    }
+}

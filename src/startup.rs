@@ -1,0 +1,164 @@
+//! `Application::build`: connect, migrate, wire the router, bind. `run_until_stopped`: serve with
+//! graceful shutdown.
+//!
+//! Tests build the same application on port 0 with their own database, as production does.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+use crate::config::Settings;
+use crate::routes::{router, AppState};
+use crate::store::batcher::AccessCounter;
+use crate::store::Database;
+use crate::telemetry::Metrics;
+use crate::windows::Windows;
+
+pub struct Application {
+    listener: TcpListener,
+    local_addr: SocketAddr,
+    router: axum::Router,
+    database: Database,
+    windows: Windows,
+    batcher: JoinHandle<()>,
+    window_flusher: Option<JoinHandle<()>>,
+    shutting_down: Arc<AtomicBool>,
+    shutdown_grace: Duration,
+}
+
+impl Application {
+    pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        let metrics = Metrics::new().context("metrics registry")?;
+        let database = Database::connect(&settings.database)
+            .await
+            .with_context(|| format!("DATABASE_URL: cannot use {}", settings.database.url))?;
+        database.migrate().await.context("DATABASE_URL: migrations")?;
+
+        let windows = match &settings.redis {
+            Some(redis) => Windows::redis(redis, metrics.clone()).context("REDIS_URL")?,
+            None => Windows::in_process(metrics.clone()),
+        };
+        if let Some(Err(error)) = windows.redis_health().await {
+            // Redis only holds the recent-window figures: start degraded rather than not at all.
+            tracing::warn!(%error, "Redis unavailable at start; recent-window figures missing until it returns");
+        }
+
+        let listener = TcpListener::bind(settings.listen)
+            .await
+            .with_context(|| format!("PORT/BIND: cannot listen on {}", settings.listen))?;
+        let local_addr = listener.local_addr().context("listener address")?;
+
+        let (counter, batcher) =
+            AccessCounter::start(database.clone(), windows.clone(), metrics.clone(), settings.request_timeout);
+        let window_flusher = windows.spawn_flusher();
+        let shutting_down = Arc::new(AtomicBool::new(false));
+        let state = AppState {
+            counter,
+            database: database.clone(),
+            windows: windows.clone(),
+            metrics,
+            shutting_down: shutting_down.clone(),
+        };
+        tracing::info!(
+            address = %local_addr,
+            database = database.backend_name(),
+            windows = ?windows.source(),
+            version = env!("CARGO_PKG_VERSION"),
+            "endpoint-stats ready to serve"
+        );
+        Ok(Self {
+            listener,
+            local_addr,
+            router: router(state),
+            database,
+            windows,
+            batcher,
+            window_flusher,
+            shutting_down,
+            shutdown_grace: settings.shutdown_grace,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    pub fn port(&self) -> u16 {
+        self.local_addr.port()
+    }
+
+    /// Serves until SIGTERM or SIGINT.
+    pub async fn run_until_stopped(self) -> anyhow::Result<()> {
+        self.run_until(shutdown_signal()).await
+    }
+
+    /// Serves until `shutdown` completes, then: fails readiness, stops accepting, lets in-flight
+    /// requests finish (their accesses commit), flushes the window counters and closes the pool,
+    /// all within the grace period.
+    pub async fn run_until(self, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+        let Self { listener, router, database, windows, batcher, window_flusher, shutting_down, shutdown_grace, .. } =
+            self;
+        let (signalled_tx, signalled_rx) = tokio::sync::watch::channel(false);
+        let flag = shutting_down.clone();
+        let graceful = async move {
+            shutdown.await;
+            flag.store(true, Ordering::Relaxed);
+            tracing::info!("shutdown requested: draining in-flight requests");
+            let _ = signalled_tx.send(true);
+        };
+        let server = axum::serve(listener, router).with_graceful_shutdown(graceful);
+        let mut server = std::pin::pin!(std::future::IntoFuture::into_future(server));
+
+        let mut signalled = signalled_rx.clone();
+        let drained = tokio::select! {
+            result = &mut server => { result.context("server")?; true }
+            _ = async { let _ = signalled.wait_for(|s| *s).await; tokio::time::sleep(shutdown_grace).await } => false,
+        };
+        if !drained {
+            tracing::warn!(grace = ?shutdown_grace, "grace period over with requests still in flight");
+        }
+        // Dropping the server dropped the router and with it every handle to the batcher: it
+        // commits what is queued, answers it and ends.
+        drop(server);
+        if tokio::time::timeout(Duration::from_secs(5), batcher).await.is_err() {
+            tracing::warn!("batcher did not finish in time");
+        }
+        if let Some(flusher) = window_flusher {
+            flusher.abort();
+        }
+        windows.flush().await;
+        database.close().await;
+        tracing::info!("shutdown complete");
+        Ok(())
+    }
+}
+
+async fn shutdown_signal() {
+    let interrupt = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(error) => {
+                tracing::error!(%error, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = interrupt => {}
+        () = terminate => {}
+    }
+}

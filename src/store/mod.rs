@@ -1,0 +1,238 @@
+//! The counting store: which endpoints are counted, the database backends, and the group-commit
+//! batcher that turns many concurrent accesses into one commit.
+
+pub mod batcher;
+mod postgres;
+mod sqlite;
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use sqlx::migrate::Migrator;
+use sqlx::{PgPool, SqlitePool};
+
+use crate::config::{DatabaseSettings, DatabaseUrl};
+
+/// The API endpoints whose accesses are counted. Their order is also the order in which a batch
+/// locks their rows, which keeps concurrent replicas free of deadlocks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CountedEndpoint {
+    Root,
+    Stats,
+    Endpoints,
+}
+
+pub const COUNTED_ENDPOINTS: usize = 3;
+
+impl CountedEndpoint {
+    pub const ALL: [Self; COUNTED_ENDPOINTS] = [Self::Root, Self::Endpoints, Self::Stats];
+
+    pub const fn path(self) -> &'static str {
+        match self {
+            Self::Root => "/",
+            Self::Stats => "/stats",
+            Self::Endpoints => "/api/v1/endpoints",
+        }
+    }
+
+    /// Position in [`Self::ALL`], used to index per-endpoint arrays.
+    pub const fn index(self) -> usize {
+        match self {
+            Self::Root => 0,
+            Self::Endpoints => 1,
+            Self::Stats => 2,
+        }
+    }
+
+    pub fn from_path(path: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|e| e.path() == path)
+    }
+}
+
+/// Per-endpoint quantities, indexed by [`CountedEndpoint::index`].
+pub type PerEndpoint<T> = [T; COUNTED_ENDPOINTS];
+
+/// One stored row.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+pub struct EndpointRecord {
+    pub endpoint: String,
+    pub access_count: i64,
+    pub first_accessed: DateTime<Utc>,
+    pub last_accessed: DateTime<Utc>,
+}
+
+/// What one committed batch returns.
+#[derive(Debug)]
+pub struct CommittedBatch {
+    /// The stored count after the commit, for every endpoint the batch incremented.
+    pub counts_after: PerEndpoint<i64>,
+    /// All rows as of the commit, when the batch held an access that reports them.
+    pub snapshot: Option<Vec<EndpointRecord>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
+    #[error("database did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("service is shutting down")]
+    ShuttingDown,
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(error: sqlx::Error) -> Self {
+        Self::Unavailable(describe_sqlx_error(&error))
+    }
+}
+
+/// A short, password-free description of a database error for logs and 503 bodies.
+pub fn describe_sqlx_error(error: &sqlx::Error) -> String {
+    match error {
+        sqlx::Error::Database(db) => db.message().to_owned(),
+        sqlx::Error::PoolTimedOut => "no database connection available (pool timed out)".to_owned(),
+        sqlx::Error::Io(io) => format!("connection error: {io}"),
+        sqlx::Error::Tls(_) => "TLS error".to_owned(),
+        sqlx::Error::Configuration(e) => format!("configuration: {e}"),
+        other => other.to_string(),
+    }
+}
+
+static POSTGRES_MIGRATIONS: Migrator = sqlx::migrate!("./migrations/postgres");
+static SQLITE_MIGRATIONS: Migrator = sqlx::migrate!("./migrations/sqlite");
+
+/// How long a new connection may take before the database counts as unreachable.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
+#[derive(Debug, Clone)]
+pub enum Database {
+    Postgres(PgPool),
+    Sqlite(SqlitePool),
+}
+
+impl Database {
+    /// Connects and proves the connection with one round trip, so that an unreachable database
+    /// fails the start instead of the first request.
+    pub async fn connect(settings: &DatabaseSettings) -> Result<Self, StoreError> {
+        let database = match &settings.url {
+            DatabaseUrl::Postgres(_) => Self::Postgres(postgres::connect(settings, CONNECT_TIMEOUT).await?),
+            DatabaseUrl::Sqlite(_) => Self::Sqlite(sqlite::connect(settings, CONNECT_TIMEOUT).await?),
+        };
+        database.ping().await?;
+        Ok(database)
+    }
+
+    /// Applies pending migrations. Safe when several replicas start at once: sqlx serialises
+    /// migrators with an advisory lock on PostgreSQL, and SQLite has a single writer.
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        let result = match self {
+            Self::Postgres(pool) => POSTGRES_MIGRATIONS.run(pool).await,
+            Self::Sqlite(pool) => SQLITE_MIGRATIONS.run(pool).await,
+        };
+        result.map_err(|e| StoreError::Unavailable(format!("migration failed: {e}")))
+    }
+
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        match self {
+            Self::Postgres(pool) => sqlx::query("SELECT 1").execute(pool).await.map(|_| ()),
+            Self::Sqlite(pool) => sqlx::query("SELECT 1").execute(pool).await.map(|_| ()),
+        }
+        .map_err(StoreError::from)
+    }
+
+    /// Ready means: the database answers and every migration in this binary is applied.
+    pub async fn check_ready(&self) -> Result<(), StoreError> {
+        let (applied, expected): (i64, usize) = match self {
+            Self::Postgres(pool) => (
+                applied_migrations(pool).await?,
+                POSTGRES_MIGRATIONS.iter().count(),
+            ),
+            Self::Sqlite(pool) => (applied_migrations(pool).await?, SQLITE_MIGRATIONS.iter().count()),
+        };
+        if usize::try_from(applied).unwrap_or(0) < expected {
+            return Err(StoreError::Unavailable(format!(
+                "migrations pending: {applied} of {expected} applied"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Adds the increments in one transaction and returns the counts after it.
+    pub async fn commit_batch(
+        &self,
+        increments: &PerEndpoint<i64>,
+        with_snapshot: bool,
+    ) -> Result<CommittedBatch, sqlx::Error> {
+        let now = Utc::now();
+        match self {
+            Self::Postgres(pool) => postgres::commit_batch(pool, increments, with_snapshot).await,
+            Self::Sqlite(pool) => sqlite::commit_batch(pool, increments, with_snapshot, now).await,
+        }
+    }
+
+    pub async fn all_endpoints(&self) -> Result<Vec<EndpointRecord>, StoreError> {
+        let rows = match self {
+            Self::Postgres(pool) => postgres::all_endpoints(pool).await?,
+            Self::Sqlite(pool) => sqlite::all_endpoints(pool).await?,
+        };
+        Ok(rows)
+    }
+
+    /// (in use, idle, maximum) connections of the pool.
+    pub fn pool_usage(&self) -> (u32, u32, u32) {
+        let (size, idle, max) = match self {
+            Self::Postgres(pool) => (pool.size(), pool.num_idle(), pool.options().get_max_connections()),
+            Self::Sqlite(pool) => (pool.size(), pool.num_idle(), pool.options().get_max_connections()),
+        };
+        let idle = u32::try_from(idle).unwrap_or(u32::MAX);
+        (size.saturating_sub(idle), idle, max)
+    }
+
+    pub async fn close(&self) {
+        match self {
+            Self::Postgres(pool) => pool.close().await,
+            Self::Sqlite(pool) => pool.close().await,
+        }
+    }
+
+    pub fn backend_name(&self) -> &'static str {
+        match self {
+            Self::Postgres(_) => "postgres",
+            Self::Sqlite(_) => "sqlite",
+        }
+    }
+}
+
+async fn applied_migrations<'e, E>(executor: E) -> Result<i64, StoreError>
+where
+    E: sqlx::Executor<'e>,
+    i64: sqlx::Type<E::Database> + for<'r> sqlx::Decode<'r, E::Database>,
+    for<'q> <E::Database as sqlx::Database>::Arguments<'q>: sqlx::IntoArguments<'q, E::Database>,
+    (i64,): for<'r> sqlx::FromRow<'r, <E::Database as sqlx::Database>::Row>,
+{
+    let (count,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM _sqlx_migrations WHERE success")
+        .fetch_one(executor)
+        .await
+        .map_err(|e| match e {
+            sqlx::Error::Database(ref db) if db.message().contains("_sqlx_migrations") => {
+                StoreError::Unavailable("migrations not applied".to_owned())
+            }
+            other => StoreError::from(other),
+        })?;
+    Ok(count)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoint_indices_follow_lock_order() {
+        for (position, endpoint) in CountedEndpoint::ALL.iter().enumerate() {
+            assert_eq!(endpoint.index(), position);
+            assert_eq!(CountedEndpoint::from_path(endpoint.path()), Some(*endpoint));
+        }
+        assert_eq!(CountedEndpoint::from_path("/health"), None);
+    }
+}

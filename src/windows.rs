@@ -1,0 +1,350 @@
+//! Recent-window counters: accesses per endpoint over the last minute and the last hour.
+//!
+//! With Redis, the figures are shared by every replica: each replica adds its committed accesses
+//! to time-bucketed hashes (`{prefix}window:10s:{bucket}`, `{prefix}window:1m:{bucket}`) that
+//! expire on their own. The hot path never waits for Redis: the batcher adds to a local pending
+//! table and a background task flushes it once a second, so the shared figures trail by at most
+//! that. Without Redis, the same buckets are kept in-process (per replica).
+//!
+//! Redis is never on the counting path: when it is down, counting goes on exactly and only these
+//! figures are reported missing.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use serde::Serialize;
+
+use crate::config::RedisSettings;
+use crate::store::{CountedEndpoint, PerEndpoint, COUNTED_ENDPOINTS};
+use crate::telemetry::Metrics;
+
+/// Width of the fine buckets; "last minute" is the sum of the newest six.
+pub const FINE_BUCKET_SECONDS: i64 = 10;
+const FINE_BUCKETS_PER_MINUTE: i64 = 60 / FINE_BUCKET_SECONDS;
+/// Width of the coarse buckets in Redis; "last hour" is the sum of the newest sixty.
+const COARSE_BUCKET_SECONDS: i64 = 60;
+const COARSE_BUCKETS_PER_HOUR: i64 = 60;
+/// Keys outlive the windows that read them by a margin, then Redis drops them.
+const FINE_KEY_TTL_SECONDS: i64 = 3 * 60;
+const COARSE_KEY_TTL_SECONDS: i64 = 65 * 60;
+/// Bound on each Redis call so that a hung Redis cannot slow an API response.
+const REDIS_TIMEOUT: Duration = Duration::from_millis(500);
+const FLUSH_INTERVAL: Duration = Duration::from_secs(1);
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WindowCounts {
+    pub last_minute: u64,
+    pub last_hour: u64,
+}
+
+/// Recent-window figures for all endpoints, or why they are missing.
+#[derive(Debug, Clone)]
+pub enum WindowsReport {
+    Available(PerEndpoint<WindowCounts>),
+    Unavailable(String),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum WindowSource {
+    /// Shared by all replicas through Redis.
+    Redis,
+    /// This replica's own accesses only (no Redis configured).
+    Process,
+}
+
+#[derive(Clone)]
+pub struct Windows {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    metrics: Metrics,
+    backend: Backend,
+}
+
+enum Backend {
+    InProcess(Mutex<BucketRing>),
+    Redis(RedisWindows),
+}
+
+impl Windows {
+    pub fn in_process(metrics: Metrics) -> Self {
+        Self { inner: Arc::new(Inner { metrics, backend: Backend::InProcess(Mutex::new(BucketRing::default())) }) }
+    }
+
+    /// Redis-backed windows. Connecting is lazy and retried, so a Redis that is down at start
+    /// only degrades the window figures.
+    pub fn redis(settings: &RedisSettings, metrics: Metrics) -> Result<Self, redis::RedisError> {
+        let client = redis::Client::open(settings.url.as_str())?;
+        let backend = Backend::Redis(RedisWindows {
+            client,
+            prefix: settings.key_prefix.clone(),
+            connection: tokio::sync::Mutex::new(None),
+            pending: Mutex::new(BTreeMap::new()),
+        });
+        Ok(Self { inner: Arc::new(Inner { metrics, backend }) })
+    }
+
+    pub fn source(&self) -> WindowSource {
+        match self.inner.backend {
+            Backend::InProcess(_) => WindowSource::Process,
+            Backend::Redis(_) => WindowSource::Redis,
+        }
+    }
+
+    /// Adds committed accesses. Never blocks on I/O.
+    pub fn record(&self, increments: &PerEndpoint<i64>) {
+        let now = unix_now();
+        match &self.inner.backend {
+            Backend::InProcess(ring) => lock(ring).add(now / FINE_BUCKET_SECONDS, increments),
+            Backend::Redis(redis) => {
+                let mut pending = lock(&redis.pending);
+                let bucket = pending.entry(now / FINE_BUCKET_SECONDS).or_insert([0; COUNTED_ENDPOINTS]);
+                for (slot, n) in bucket.iter_mut().zip(increments) {
+                    *slot += u64::try_from(*n).unwrap_or(0);
+                }
+            }
+        }
+    }
+
+    pub async fn report(&self) -> WindowsReport {
+        let now = unix_now();
+        match &self.inner.backend {
+            Backend::InProcess(ring) => WindowsReport::Available(lock(ring).counts(now / FINE_BUCKET_SECONDS)),
+            Backend::Redis(redis) => {
+                let result = redis.read(now).await;
+                self.inner.metrics.redis_result("read_windows", &result);
+                match result {
+                    Ok(counts) => WindowsReport::Available(counts),
+                    Err(error) => WindowsReport::Unavailable(error),
+                }
+            }
+        }
+    }
+
+    /// Redis health for readiness: `None` when Redis is not configured.
+    pub async fn redis_health(&self) -> Option<Result<(), String>> {
+        match &self.inner.backend {
+            Backend::InProcess(_) => None,
+            Backend::Redis(redis) => {
+                let result = redis.ping().await;
+                self.inner.metrics.redis_result("ping", &result);
+                Some(result)
+            }
+        }
+    }
+
+    /// Pushes pending increments to Redis. Kept for the next try when Redis is down; increments
+    /// older than the longest window are dropped since no window would show them.
+    pub async fn flush(&self) {
+        if let Backend::Redis(redis) = &self.inner.backend {
+            let result = redis.flush().await;
+            self.inner.metrics.redis_result("flush_windows", &result);
+            if let Err(error) = result {
+                tracing::debug!(%error, "window flush to Redis failed; will retry");
+            }
+        }
+    }
+
+    /// Flushes once a second until the returned handle is aborted.
+    pub fn spawn_flusher(&self) -> Option<tokio::task::JoinHandle<()>> {
+        if !matches!(self.inner.backend, Backend::Redis(_)) {
+            return None;
+        }
+        let windows = self.clone();
+        Some(tokio::spawn(async move {
+            let mut ticker = tokio::time::interval(FLUSH_INTERVAL);
+            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                ticker.tick().await;
+                windows.flush().await;
+            }
+        }))
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // The data behind these locks stays consistent even if a holder panicked mid-update
+    // (plain counters), so a poisoned lock is still usable.
+    mutex.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn unix_now() -> i64 {
+    chrono::Utc::now().timestamp()
+}
+
+/// In-process fine buckets covering the last hour.
+#[derive(Default)]
+struct BucketRing {
+    buckets: VecDeque<(i64, PerEndpoint<u64>)>,
+}
+
+const RING_BUCKETS: i64 = COARSE_BUCKETS_PER_HOUR * COARSE_BUCKET_SECONDS / FINE_BUCKET_SECONDS;
+
+impl BucketRing {
+    fn add(&mut self, bucket: i64, increments: &PerEndpoint<i64>) {
+        if self.buckets.back().is_none_or(|(newest, _)| *newest < bucket) {
+            self.buckets.push_back((bucket, [0; COUNTED_ENDPOINTS]));
+        }
+        while self.buckets.front().is_some_and(|(oldest, _)| *oldest <= bucket - RING_BUCKETS) {
+            self.buckets.pop_front();
+        }
+        // Clock steps backwards land in the newest bucket rather than being lost.
+        if let Some((_, counts)) = self.buckets.back_mut() {
+            for (slot, n) in counts.iter_mut().zip(increments) {
+                *slot += u64::try_from(*n).unwrap_or(0);
+            }
+        }
+    }
+
+    fn counts(&self, now_bucket: i64) -> PerEndpoint<WindowCounts> {
+        let mut result = [WindowCounts::default(); COUNTED_ENDPOINTS];
+        for (bucket, counts) in &self.buckets {
+            let age = now_bucket - bucket;
+            for (window, n) in result.iter_mut().zip(counts) {
+                if age < RING_BUCKETS {
+                    window.last_hour += n;
+                }
+                if age < FINE_BUCKETS_PER_MINUTE {
+                    window.last_minute += n;
+                }
+            }
+        }
+        result
+    }
+}
+
+struct RedisWindows {
+    client: redis::Client,
+    prefix: String,
+    connection: tokio::sync::Mutex<Option<ConnectionManager>>,
+    /// fine bucket -> accesses not yet in Redis
+    pending: Mutex<BTreeMap<i64, PerEndpoint<u64>>>,
+}
+
+impl RedisWindows {
+    fn fine_key(&self, bucket: i64) -> String {
+        format!("{}window:10s:{bucket}", self.prefix)
+    }
+
+    fn coarse_key(&self, bucket: i64) -> String {
+        format!("{}window:1m:{bucket}", self.prefix)
+    }
+
+    async fn connection(&self) -> Result<ConnectionManager, String> {
+        let mut slot = self.connection.lock().await;
+        if let Some(connection) = slot.as_ref() {
+            return Ok(connection.clone());
+        }
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(REDIS_TIMEOUT)
+            .set_response_timeout(REDIS_TIMEOUT)
+            .set_number_of_retries(1);
+        let connection = tokio::time::timeout(REDIS_TIMEOUT * 2, ConnectionManager::new_with_config(self.client.clone(), config))
+            .await
+            .map_err(|_| "Redis connection timed out".to_owned())?
+            .map_err(|e| format!("Redis unreachable: {e}"))?;
+        *slot = Some(connection.clone());
+        Ok(connection)
+    }
+
+    async fn run<T: redis::FromRedisValue>(&self, pipeline: &redis::Pipeline) -> Result<T, String> {
+        let mut connection = self.connection().await?;
+        match tokio::time::timeout(REDIS_TIMEOUT, pipeline.query_async::<T>(&mut connection)).await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(error)) => Err(format!("Redis error: {error}")),
+            Err(_) => Err(format!("Redis did not answer within {REDIS_TIMEOUT:?}")),
+        }
+    }
+
+    async fn ping(&self) -> Result<(), String> {
+        let mut pipeline = redis::pipe();
+        pipeline.cmd("PING");
+        self.run::<(String,)>(&pipeline).await.map(|_| ())
+    }
+
+    async fn flush(&self) -> Result<(), String> {
+        let pending = std::mem::take(&mut *lock(&self.pending));
+        if pending.is_empty() {
+            return Ok(());
+        }
+        let mut pipeline = redis::pipe();
+        pipeline.atomic();
+        for (fine_bucket, counts) in &pending {
+            let coarse_bucket = fine_bucket * FINE_BUCKET_SECONDS / COARSE_BUCKET_SECONDS;
+            let (fine, coarse) = (self.fine_key(*fine_bucket), self.coarse_key(coarse_bucket));
+            for endpoint in CountedEndpoint::ALL {
+                let n = counts[endpoint.index()];
+                if n > 0 {
+                    pipeline.hincr(&fine, endpoint.path(), n).ignore();
+                    pipeline.hincr(&coarse, endpoint.path(), n).ignore();
+                }
+            }
+            pipeline.expire(&fine, FINE_KEY_TTL_SECONDS).ignore();
+            pipeline.expire(&coarse, COARSE_KEY_TTL_SECONDS).ignore();
+        }
+        let result = self.run::<()>(&pipeline).await;
+        if result.is_err() {
+            // MULTI/EXEC applied all or nothing: put everything back for the next flush.
+            let oldest_useful = unix_now() / FINE_BUCKET_SECONDS - RING_BUCKETS;
+            let mut current = lock(&self.pending);
+            for (bucket, counts) in pending.into_iter().filter(|(bucket, _)| *bucket > oldest_useful) {
+                let slot = current.entry(bucket).or_insert([0; COUNTED_ENDPOINTS]);
+                for (total, n) in slot.iter_mut().zip(counts) {
+                    *total += n;
+                }
+            }
+        }
+        result
+    }
+
+    async fn read(&self, now: i64) -> Result<PerEndpoint<WindowCounts>, String> {
+        let fine_now = now / FINE_BUCKET_SECONDS;
+        let coarse_now = now / COARSE_BUCKET_SECONDS;
+        let mut pipeline = redis::pipe();
+        for bucket in (fine_now - FINE_BUCKETS_PER_MINUTE + 1)..=fine_now {
+            pipeline.hgetall(self.fine_key(bucket));
+        }
+        for bucket in (coarse_now - COARSE_BUCKETS_PER_HOUR + 1)..=coarse_now {
+            pipeline.hgetall(self.coarse_key(bucket));
+        }
+        let hashes: Vec<BTreeMap<String, u64>> = self.run(&pipeline).await?;
+        let fine_count = usize::try_from(FINE_BUCKETS_PER_MINUTE).unwrap_or(6);
+        let mut result = [WindowCounts::default(); COUNTED_ENDPOINTS];
+        for (position, hash) in hashes.iter().enumerate() {
+            for (path, n) in hash {
+                if let Some(endpoint) = CountedEndpoint::from_path(path) {
+                    let window = &mut result[endpoint.index()];
+                    if position < fine_count {
+                        window.last_minute += n;
+                    } else {
+                        window.last_hour += n;
+                    }
+                }
+            }
+        }
+        Ok(result)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ring_sums_the_last_minute_and_hour() {
+        let mut ring = BucketRing::default();
+        let now = 1_000_000;
+        ring.add(now - 400, &[100, 0, 0]); // older than an hour: forgotten
+        ring.add(now - 300, &[10, 0, 0]); // 50 minutes ago
+        ring.add(now - 5, &[1, 0, 2]); // 50 seconds ago
+        ring.add(now, &[1, 1, 0]);
+        let counts = ring.counts(now);
+        assert_eq!(counts[0], WindowCounts { last_minute: 2, last_hour: 12 });
+        assert_eq!(counts[1], WindowCounts { last_minute: 1, last_hour: 1 });
+        assert_eq!(counts[2], WindowCounts { last_minute: 2, last_hour: 2 });
+    }
+}

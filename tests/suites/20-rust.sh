@@ -1,0 +1,5 @@
+#!/usr/bin/env bash
+# Unit and integration tests of the service (real PostgreSQL and Redis, SQLite in temp dirs).
+set -euo pipefail
+cd "$REPO_ROOT"
+cargo test --release --locked --all-targets
