@@ -5,6 +5,7 @@
 //! construction: `route` is a route template or `unmatched`, `method` a standard method or
 //! `_OTHER`, `status` a numeric code.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use axum::extract::{MatchedPath, Request, State};
@@ -38,8 +39,19 @@ pub fn init_logging(format: LogFormat, filter: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A cheap handle (one `Arc`) to the process's metrics.
 #[derive(Clone)]
-pub struct Metrics {
+pub struct Metrics(Arc<MetricsInner>);
+
+impl std::ops::Deref for Metrics {
+    type Target = MetricsInner;
+
+    fn deref(&self) -> &MetricsInner {
+        &self.0
+    }
+}
+
+pub struct MetricsInner {
     registry: Registry,
     pub http_requests: IntCounterVec,
     pub http_duration: HistogramVec,
@@ -98,6 +110,15 @@ impl Metrics {
         let redis_available =
             IntGauge::new("endpoint_stats_redis_available", "1 when the last Redis operation succeeded")?;
 
+        // Series that alerts and panels read exist from the start, at zero, instead of appearing
+        // with the first failure (a rate over a missing series is no data, not zero).
+        for operation in ["commit", "read"] {
+            db_errors.with_label_values(&[operation]);
+        }
+        for operation in ["ping", "flush_windows", "read_windows"] {
+            redis_operations.with_label_values(&[operation]);
+            redis_errors.with_label_values(&[operation]);
+        }
         registry.register(Box::new(http_requests.clone()))?;
         registry.register(Box::new(http_duration.clone()))?;
         registry.register(Box::new(http_in_flight.clone()))?;
@@ -112,7 +133,7 @@ impl Metrics {
         registry.register(Box::new(redis_available.clone()))?;
         registry.register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))?;
 
-        Ok(Self {
+        Ok(Self(Arc::new(MetricsInner {
             registry,
             http_requests,
             http_duration,
@@ -125,7 +146,7 @@ impl Metrics {
             redis_operations,
             redis_errors,
             redis_available,
-        })
+        })))
     }
 
     /// The text exposition of every registered series.

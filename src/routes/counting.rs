@@ -8,7 +8,7 @@ use axum::Json;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
-use super::{ApiError, AppState};
+use super::{ApiError, SharedState};
 use crate::store::{CountedEndpoint, EndpointRecord};
 use crate::windows::{WindowSource, WindowsReport};
 
@@ -60,14 +60,14 @@ pub struct WindowsStatus {
 
 #[utoipa::path(get, path = "/", tag = "counting",
     responses((status = 200, body = RootResponse), (status = 503, body = super::errors::ErrorBody)))]
-pub async fn root(State(state): State<AppState>) -> Result<Json<RootResponse>, ApiError> {
+pub async fn root(State(state): State<SharedState>) -> Result<Json<RootResponse>, ApiError> {
     let access = state.counter.record(CountedEndpoint::Root, false).await?;
     Ok(Json(RootResponse { message: "Hello, World!", access_count: access.access_count }))
 }
 
 #[utoipa::path(get, path = "/stats", tag = "counting",
     responses((status = 200, body = StatsResponse), (status = 503, body = super::errors::ErrorBody)))]
-pub async fn stats(State(state): State<AppState>) -> Result<Json<StatsResponse>, ApiError> {
+pub async fn stats(State(state): State<SharedState>) -> Result<Json<StatsResponse>, ApiError> {
     let access = state.counter.record(CountedEndpoint::Stats, true).await?;
     let mut stats: BTreeMap<String, i64> = access
         .snapshot
@@ -82,7 +82,7 @@ pub async fn stats(State(state): State<AppState>) -> Result<Json<StatsResponse>,
 
 #[utoipa::path(get, path = "/api/v1/endpoints", tag = "counting",
     responses((status = 200, body = EndpointsResponse), (status = 503, body = super::errors::ErrorBody)))]
-pub async fn endpoints(State(state): State<AppState>) -> Result<Json<EndpointsResponse>, ApiError> {
+pub async fn endpoints(State(state): State<SharedState>) -> Result<Json<EndpointsResponse>, ApiError> {
     let own = CountedEndpoint::Endpoints;
     // Windows are read while the access commits; neither waits for the other.
     let (access, windows) = tokio::join!(state.counter.record(own, true), state.windows.report());

@@ -4,12 +4,12 @@ use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 
-use super::AppState;
+use super::SharedState;
 
 const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 #[utoipa::path(get, path = "/metrics", tag = "probes", responses((status = 200, content_type = "text/plain")))]
-pub async fn render(State(state): State<AppState>) -> Response {
+pub async fn render(State(state): State<SharedState>) -> Response {
     // Pool gauges are sampled at scrape time rather than on every acquire.
     let (in_use, idle, max) = state.database.pool_usage();
     state.metrics.db_connections.with_label_values(&["in_use"]).set(i64::from(in_use));

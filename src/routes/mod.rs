@@ -22,7 +22,10 @@ use crate::store::Database;
 use crate::telemetry::{tag_matched_route, track_http, Metrics};
 use crate::windows::Windows;
 
-#[derive(Clone)]
+/// Shared by every request through one `Arc`, so a request costs one reference count, not one per
+/// field.
+pub type SharedState = Arc<AppState>;
+
 pub struct AppState {
     pub counter: AccessCounter,
     pub database: Database,
@@ -49,5 +52,5 @@ pub fn router(state: AppState) -> Router {
         .fallback(errors::not_found)
         .layer(axum::middleware::from_fn_with_state(metrics, track_http))
         .layer(CatchPanicLayer::custom(errors::panic_response))
-        .with_state(state)
+        .with_state(Arc::new(state))
 }

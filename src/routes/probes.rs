@@ -9,7 +9,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Serialize;
 
-use super::AppState;
+use super::SharedState;
 
 /// A readiness probe must answer before the kubelet's own timeout (1 s by default).
 const READY_CHECK_TIMEOUT: Duration = Duration::from_millis(800);
@@ -49,7 +49,7 @@ pub async fn health() -> Json<HealthResponse> {
 /// Readiness: database answers and migrations are applied, and the replica is not shutting down.
 #[utoipa::path(get, path = "/ready", tag = "probes",
     responses((status = 200, body = ReadyResponse), (status = 503, body = ReadyResponse)))]
-pub async fn ready(State(state): State<AppState>) -> Response {
+pub async fn ready(State(state): State<SharedState>) -> Response {
     let database = async {
         match tokio::time::timeout(READY_CHECK_TIMEOUT, state.database.check_ready()).await {
             Ok(Ok(())) => Ok(()),

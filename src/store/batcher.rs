@@ -10,7 +10,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio::task::JoinHandle;
 
 use super::{CountedEndpoint, Database, EndpointRecord, PerEndpoint, StoreError, COUNTED_ENDPOINTS};
@@ -81,21 +81,40 @@ async fn run(
     metrics: Metrics,
     commit_timeout: Duration,
 ) {
-    let mut batch = Vec::with_capacity(MAX_BATCH);
-    while receiver.recv_many(&mut batch, MAX_BATCH).await > 0 {
-        commit(&mut batch, &database, &windows, &metrics, commit_timeout).await;
-        batch.clear();
+    // Commits in flight at once. More than one pipelines the round trips: the next batch is on
+    // the wire while the previous one commits, and PostgreSQL's row lock keeps them in order.
+    let depth = database.commit_pipeline_depth();
+    let slots = Arc::new(Semaphore::new(depth));
+    let context = Arc::new(CommitContext { database, windows, metrics, commit_timeout });
+    loop {
+        // Waiting for a free slot first lets the next batch accumulate while all slots commit.
+        let Ok(slot) = slots.clone().acquire_owned().await else { break };
+        let mut batch = Vec::with_capacity(64);
+        if receiver.recv_many(&mut batch, MAX_BATCH).await == 0 {
+            break;
+        }
+        let context = context.clone();
+        tokio::spawn(async move {
+            commit(&mut batch, &context).await;
+            drop(slot);
+        });
     }
+    // Every handle is gone; wait for the commits still in flight so that shutdown flushes them.
+    let all = u32::try_from(depth).unwrap_or(u32::MAX);
+    let _ = slots.acquire_many(all).await;
     tracing::debug!("access batcher stopped: every access answered");
 }
 
-async fn commit(
-    batch: &mut Vec<PendingAccess>,
-    database: &Database,
-    windows: &Windows,
-    metrics: &Metrics,
+struct CommitContext {
+    database: Database,
+    windows: Windows,
+    metrics: Metrics,
     commit_timeout: Duration,
-) {
+}
+
+async fn commit(batch: &mut Vec<PendingAccess>, context: &CommitContext) {
+    let CommitContext { database, windows, metrics, commit_timeout } = context;
+    let commit_timeout = *commit_timeout;
     // A client that gave up (timeout, disconnect) is not counted: its access would be stored
     // without a 200 response to match it.
     batch.retain(|pending| !pending.reply.is_closed());

@@ -196,6 +196,15 @@ impl Database {
         }
     }
 
+    /// Group commits the batcher may have in flight at once. PostgreSQL orders concurrent commits
+    /// by the row lock; SQLite has one writer, so a second commit would only wait for the lock.
+    pub fn commit_pipeline_depth(&self) -> usize {
+        match self {
+            Self::Postgres(_) => 2,
+            Self::Sqlite(_) => 1,
+        }
+    }
+
     pub fn backend_name(&self) -> &'static str {
         match self {
             Self::Postgres(_) => "postgres",

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::{PgPool, Row};
+use sqlx::{Connection, PgConnection, PgPool, Row};
 
 use super::{CommittedBatch, CountedEndpoint, EndpointRecord, PerEndpoint, COUNTED_ENDPOINTS};
 use crate::config::DatabaseSettings;
@@ -20,6 +20,12 @@ pub(super) async fn connect(settings: &DatabaseSettings, connect_timeout: Durati
     let options = PgConnectOptions::from_str(settings.url.expose())?
         .application_name("endpoint-stats")
         .options([("statement_timeout", STATEMENT_TIMEOUT)]);
+    // One direct connection first: a pool would retry until its timeout and report only "pool
+    // timed out", where the operator needs "connection refused" or "password authentication failed".
+    let probe = tokio::time::timeout(connect_timeout, PgConnection::connect_with(&options))
+        .await
+        .map_err(|_| sqlx::Error::PoolTimedOut)??;
+    probe.close().await?;
     PgPoolOptions::new()
         .max_connections(settings.pool_size)
         .acquire_timeout(connect_timeout)

@@ -1,0 +1,143 @@
+//! The HTTP contract of SPEC §2, on both backends.
+
+mod common;
+
+use common::{settings, TestApp, TestDatabase};
+use endpoint_stats::config::{DatabaseSettings, DatabaseUrl};
+
+async fn assert_contract(app: &TestApp) {
+    // First access to `/` is 1; the first `/stats` after it sees both, including itself.
+    let (status, body) = app.get_json("/").await;
+    assert_eq!(status, 200);
+    assert_eq!(body, serde_json::json!({"message": "Hello, World!", "access_count": 1}));
+    let (status, body) = app.get_json("/stats").await;
+    assert_eq!(status, 200);
+    assert_eq!(body, serde_json::json!({"stats": {"/": 1, "/stats": 1}, "access_count": 1}));
+
+    // Probes and documents are not counted.
+    assert_eq!(app.get_json("/health").await, (200, serde_json::json!({"status": "ok"})));
+    let (status, ready) = app.get_json("/ready").await;
+    assert_eq!(status, 200, "{ready}");
+    assert_eq!(ready["checks"]["database"], "ok");
+    let openapi = app.get_json("/openapi.json").await;
+    assert_eq!(openapi.0, 200);
+    for path in ["/", "/stats", "/api/v1/endpoints", "/health", "/ready"] {
+        assert!(openapi.1["paths"][path].is_object(), "OpenAPI lacks {path}");
+    }
+    let metrics = app.get("/metrics").await;
+    assert_eq!(metrics.status(), 200);
+    assert!(metrics.headers()["content-type"].to_str().unwrap_or("").starts_with("text/plain"));
+
+    // Unknown paths: JSON 404, wrong methods: JSON 405; neither counted.
+    let (status, body) = app.get_json("/no/such/path").await;
+    assert_eq!((status, body), (404, serde_json::json!({"error": "not found"})));
+    let response = app.client.post(format!("{}/", app.address)).send().await.expect("POST");
+    assert_eq!(response.status().as_u16(), 405);
+    let body: serde_json::Value = response.json().await.expect("JSON 405");
+    assert_eq!(body, serde_json::json!({"error": "method not allowed"}));
+
+    let (status, body) = app.get_json("/stats").await;
+    assert_eq!(status, 200);
+    assert_eq!(body, serde_json::json!({"stats": {"/": 1, "/stats": 2}, "access_count": 2}));
+
+    // The endpoint listing: counts, RFC 3339 UTC times, recent windows.
+    let (status, body) = app.get_json("/api/v1/endpoints").await;
+    assert_eq!(status, 200);
+    let endpoints = body["endpoints"].as_array().expect("endpoints array");
+    let names: Vec<&str> = endpoints.iter().filter_map(|e| e["endpoint"].as_str()).collect();
+    assert_eq!(names, ["/", "/api/v1/endpoints", "/stats"]);
+    for entry in endpoints {
+        for field in ["first_accessed", "last_accessed"] {
+            let text = entry[field].as_str().expect("timestamp string");
+            let parsed = chrono::DateTime::parse_from_rfc3339(text).expect("RFC 3339");
+            assert_eq!(parsed.offset().local_minus_utc(), 0, "{text} is not UTC");
+            assert!(text.ends_with('Z'), "{text}");
+        }
+        assert!(entry["requests_last_minute"].is_u64(), "{entry}");
+        assert!(entry["requests_last_hour"].is_u64(), "{entry}");
+    }
+    assert_eq!(endpoints[0]["access_count"], 1);
+    assert_eq!(endpoints[1]["access_count"], 1);
+    assert_eq!(endpoints[2]["access_count"], 2);
+    assert_eq!(endpoints[2]["requests_last_minute"], 2);
+    assert_eq!(body["windows"]["available"], true);
+
+    // The metrics contract.
+    let text = app.get("/metrics").await.text().await.expect("metrics text");
+    for series in [
+        r#"http_requests_total{method="GET",route="/",status="200"} 1"#,
+        r#"http_requests_total{method="GET",route="unmatched",status="404"} 1"#,
+        r#"http_request_duration_seconds_bucket{method="GET",route="/stats",status="200",le="1"}"#,
+        "http_requests_in_flight ",
+        r#"endpoint_stats_build_info{revision="#,
+        "process_cpu_seconds_total ",
+        "process_resident_memory_bytes ",
+        "process_open_fds ",
+        "process_start_time_seconds ",
+        r#"endpoint_stats_db_connections{state="in_use"}"#,
+        r#"endpoint_stats_db_connections{state="idle"}"#,
+        "endpoint_stats_db_commit_duration_seconds_bucket",
+        "endpoint_stats_db_batch_size_bucket",
+        "# TYPE endpoint_stats_db_errors_total counter",
+        "# TYPE endpoint_stats_redis_operations_total counter",
+        "# TYPE endpoint_stats_redis_errors_total counter",
+    ] {
+        assert!(text.contains(series), "/metrics lacks `{series}`\n{text}");
+    }
+    let buckets: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with(r#"http_request_duration_seconds_bucket{method="GET",route="/",status="200""#))
+        .filter_map(|l| l.split("le=\"").nth(1)?.split('"').next())
+        .collect();
+    assert_eq!(buckets, ["0.005", "0.01", "0.025", "0.05", "0.075", "0.1", "0.25", "0.5", "0.75", "1", "2.5", "5", "7.5", "10", "+Inf"]);
+}
+
+#[tokio::test]
+async fn contract_on_postgres() {
+    let database = TestDatabase::create().await;
+    let app = TestApp::spawn(settings(database.settings(), None)).await;
+    assert_contract(&app).await;
+    app.shutdown().await;
+    assert_eq!(database.stored_counts().await.get("/"), Some(&1));
+}
+
+#[tokio::test]
+async fn contract_on_sqlite() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = format!("sqlite://{}", dir.path().join("stats.db").display());
+    let database = DatabaseSettings { url: DatabaseUrl::parse(&url).expect("sqlite URL"), pool_size: 4 };
+    let app = TestApp::spawn(settings(database.clone(), None)).await;
+    assert_contract(&app).await;
+    app.shutdown().await;
+
+    // Durable across restarts.
+    let app = TestApp::spawn(settings(database, None)).await;
+    let (_, body) = app.get_json("/").await;
+    assert_eq!(body["access_count"], 2);
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn random_paths_add_no_metric_series() {
+    let database = TestDatabase::create().await;
+    let app = TestApp::spawn(settings(database.settings(), None)).await;
+    // One unmatched request of each method first: its series exist from then on.
+    let _ = app.get("/warm-up").await;
+    let _ = app.client.delete(format!("{}/warm-up", app.address)).send().await;
+    let series = |text: &str| text.lines().filter(|l| !l.starts_with('#')).count();
+    // The first scrape records its own series after rendering; count from the second one.
+    let _ = app.get("/metrics").await;
+    let before = series(&app.get("/metrics").await.text().await.expect("metrics"));
+    let methods = [reqwest::Method::GET, reqwest::Method::DELETE];
+    for i in 0..3000u32 {
+        let path = format!("/{:x}/{}", rand::random::<u64>(), i);
+        let method = methods[(i % 2) as usize].clone();
+        let response = app.client.request(method, format!("{}{path}", app.address)).send().await.expect("request");
+        assert_eq!(response.status().as_u16(), 404);
+    }
+    let text = app.get("/metrics").await.text().await.expect("metrics");
+    assert_eq!(series(&text), before, "random paths changed the number of series");
+    assert!(!text.contains("/warm-up"));
+    assert!(database.stored_counts().await.is_empty(), "unknown paths were stored");
+    app.shutdown().await;
+}

@@ -1,0 +1,251 @@
+//! The counting invariants of SPEC §3 against real PostgreSQL and Redis, with real processes where
+//! a test kills one.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use common::{client, settings, OwnRedis, Replica, TestApp, TestDatabase, TestRedisPrefix};
+use futures_util::stream::{self, StreamExt};
+
+/// Sends `total` GETs of `path` spread over `addresses`, `concurrency` at a time; returns the
+/// status and `access_count` (if any) of every answer, in completion order.
+async fn burst(addresses: &[String], path: &str, total: usize, concurrency: usize) -> Vec<(u16, Option<i64>)> {
+    let client = client();
+    stream::iter(0..total)
+        .map(|i| {
+            let url = format!("{}{path}", addresses[i % addresses.len()]);
+            let client = client.clone();
+            async move {
+                match client.get(url).send().await {
+                    Ok(response) => {
+                        let status = response.status().as_u16();
+                        let body: Option<serde_json::Value> = response.json().await.ok();
+                        (status, body.and_then(|b| b["access_count"].as_i64()))
+                    }
+                    Err(_) => (0, None),
+                }
+            }
+        })
+        .buffer_unordered(concurrency)
+        .collect()
+        .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exact_across_two_replicas_sharing_postgres() {
+    let database = TestDatabase::create().await;
+    let replicas = [Replica::start(&database.url, &[]).await, Replica::start(&database.url, &[]).await];
+    let addresses: Vec<String> = replicas.iter().map(|r| r.address.clone()).collect();
+    let total = 6000;
+
+    let answers = burst(&addresses, "/", total, 64).await;
+
+    let failures: Vec<_> = answers.iter().filter(|(status, _)| *status != 200).collect();
+    assert!(failures.is_empty(), "{} non-200 answers, e.g. {:?}", failures.len(), failures.first());
+    let mut counts: Vec<i64> = answers.iter().filter_map(|(_, count)| *count).collect();
+    counts.sort_unstable();
+    let expected: Vec<i64> = (1..=i64::try_from(total).unwrap_or(i64::MAX)).collect();
+    assert!(counts == expected, "access_count values are not exactly 1..{total}");
+    assert_eq!(database.stored_counts().await.get("/").copied(), Some(6000));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_stats_answers_are_unique_and_include_themselves() {
+    let database = TestDatabase::create().await;
+    let app = TestApp::spawn(settings(database.settings(), None)).await;
+    let client = client();
+    let bodies: Vec<serde_json::Value> = stream::iter(0..1000)
+        .map(|_| {
+            let (client, url) = (client.clone(), format!("{}/stats", app.address));
+            async move { client.get(url).send().await.expect("GET").json::<serde_json::Value>().await.expect("JSON") }
+        })
+        .buffer_unordered(32)
+        .collect()
+        .await;
+    let mut seen = BTreeSet::new();
+    for body in &bodies {
+        let own = body["access_count"].as_i64().expect("access_count");
+        assert_eq!(body["stats"]["/stats"].as_i64(), Some(own), "{body}");
+        assert!(seen.insert(own), "duplicate access_count {own}");
+    }
+    assert_eq!(seen.into_iter().collect::<Vec<_>>(), (1..=1000).collect::<Vec<i64>>());
+    app.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_loses_no_count_a_client_saw() {
+    let database = TestDatabase::create().await;
+    let mut replica = Replica::start(&database.url, &[]).await;
+    let address = replica.address.clone();
+    let load = tokio::spawn(async move { burst(&[address], "/", 20_000, 32).await });
+    // Let the burst get going, then kill without warning.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    replica.signal("KILL");
+    let _ = replica.wait().await;
+    let answers = load.await.expect("load task");
+
+    let seen: Vec<i64> = answers.iter().filter(|(status, _)| *status == 200).filter_map(|(_, c)| *c).collect();
+    assert!(seen.len() > 100, "the burst was too short to test anything ({} answers)", seen.len());
+    let stored = database.stored_counts().await.get("/").copied().unwrap_or(0);
+    let highest_seen = seen.iter().copied().max().unwrap_or(0);
+    assert!(highest_seen <= stored, "a client saw {highest_seen} but only {stored} is stored");
+    // Every value handed out is unique, and none is missing from the stored range.
+    let distinct: BTreeSet<i64> = seen.iter().copied().collect();
+    assert_eq!(distinct.len(), seen.len(), "duplicate access_count values");
+    println!("SIGKILL after {} answers; highest seen {highest_seen}, stored {stored}", seen.len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_in_flight_requests_and_exits_zero() {
+    let database = TestDatabase::create().await;
+    let mut replica = Replica::start(&database.url, &[]).await;
+    let address = replica.address.clone();
+    let load = tokio::spawn(async move { burst(&[address], "/", 20_000, 32).await });
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    replica.signal("TERM");
+    let exit = replica.wait().await;
+    let answers = load.await.expect("load task");
+
+    assert_eq!(exit, Some(0), "SIGTERM must end the process with status 0");
+    let ok: Vec<i64> = answers.iter().filter(|(status, _)| *status == 200).filter_map(|(_, c)| *c).collect();
+    // After the listener closed, new connections are refused (status 0 here); every request that
+    // was accepted got its answer: no 5xx, and the stored count equals the 200s handed out.
+    let server_errors = answers.iter().filter(|(status, _)| *status >= 500).count();
+    assert_eq!(server_errors, 0, "in-flight requests failed during the drain");
+    let stored = database.stored_counts().await.get("/").copied().unwrap_or(0);
+    assert_eq!(i64::try_from(ok.len()).unwrap_or(-1), stored, "200 answers vs stored count");
+    let mut sorted = ok.clone();
+    sorted.sort_unstable();
+    assert_eq!(sorted, (1..=stored).collect::<Vec<_>>());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn database_outage_answers_503_quickly_and_recovers_by_itself() {
+    let database = TestDatabase::create().await;
+    let app = TestApp::spawn(settings(database.settings(), None)).await;
+    for expected in 1..=5 {
+        assert_eq!(app.get_json("/").await.1["access_count"], expected);
+    }
+
+    database.refuse_connections().await;
+    for path in ["/", "/stats", "/api/v1/endpoints"] {
+        let started = Instant::now();
+        let (status, body) = app.get_json(path).await;
+        let took = started.elapsed();
+        assert_eq!(status, 503, "{path} during outage: {body}");
+        assert!(body["error"].as_str().is_some_and(|e| !e.is_empty()), "{body}");
+        // Bounded by the request timeout of the test settings (3 s) plus slack.
+        assert!(took < Duration::from_secs(5), "{path} took {took:?} to fail");
+    }
+    let (status, ready) = app.get_json("/ready").await;
+    assert_eq!(status, 503, "{ready}");
+    assert!(ready["error"].as_str().unwrap_or("").contains("database"), "{ready}");
+    assert_eq!(app.get_json("/health").await.0, 200);
+
+    database.allow_connections().await;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let resumed = loop {
+        let (status, body) = app.get_json("/").await;
+        if status == 200 {
+            break body["access_count"].as_i64();
+        }
+        assert!(Instant::now() < deadline, "service did not recover after the database returned");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    // Nothing counted during the outage; counting goes on from the right number.
+    assert_eq!(resumed, Some(6));
+    assert_eq!(app.get_json("/ready").await.0, 200);
+    app.shutdown().await;
+    assert_eq!(database.stored_counts().await.get("/"), Some(&6));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_outage_keeps_counting_exact_and_flags_the_windows() {
+    let database = TestDatabase::create().await;
+    let mut redis = OwnRedis::start();
+    let prefix = TestRedisPrefix::new(&redis.url());
+    let app = TestApp::spawn(settings(database.settings(), Some(prefix.settings()))).await;
+    let address = app.address.clone();
+
+    let (_, body) = app.get_json("/api/v1/endpoints").await;
+    assert_eq!(body["windows"], serde_json::json!({"source": "redis", "available": true}));
+
+    let load = {
+        let address = address.clone();
+        tokio::spawn(async move { burst(&[address], "/", 4000, 16).await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    redis.stop();
+    let answers = load.await.expect("load");
+
+    assert!(answers.iter().all(|(status, _)| *status == 200), "counting failed while Redis was down");
+    let mut counts: Vec<i64> = answers.iter().filter_map(|(_, c)| *c).collect();
+    counts.sort_unstable();
+    assert_eq!(counts, (1..=4000).collect::<Vec<_>>());
+    assert_eq!(database.stored_counts().await.get("/"), Some(&4000));
+
+    let (status, body) = app.get_json("/api/v1/endpoints").await;
+    assert_eq!(status, 200);
+    assert_eq!(body["windows"]["available"], false, "{body}");
+    assert!(body["windows"]["error"].as_str().is_some_and(|e| !e.is_empty()), "{body}");
+    assert!(body["endpoints"][0]["requests_last_minute"].is_null(), "{body}");
+    let (status, ready) = app.get_json("/ready").await;
+    assert_eq!(status, 200, "Redis must not fail readiness: {ready}");
+    assert!(ready["checks"]["redis"].as_str().unwrap_or("").starts_with("degraded"), "{ready}");
+    let metrics = app.get("/metrics").await.text().await.expect("metrics");
+    assert!(metrics.contains("endpoint_stats_redis_available 0"), "redis gauge not 0");
+    app.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recent_windows_are_shared_through_redis() {
+    let database = TestDatabase::create().await;
+    let prefix = TestRedisPrefix::new(&common::redis_url());
+    let first = TestApp::spawn(settings(database.settings(), Some(prefix.settings()))).await;
+    let second = TestApp::spawn(settings(database.settings(), Some(prefix.settings()))).await;
+    for _ in 0..7 {
+        assert_eq!(first.get("/").await.status(), 200);
+    }
+    for _ in 0..5 {
+        assert_eq!(second.get("/").await.status(), 200);
+    }
+    // Replicas flush to Redis once a second.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, body) = first.get_json("/api/v1/endpoints").await;
+        let root = &body["endpoints"][0];
+        if root["requests_last_minute"] == 12 && root["requests_last_hour"] == 12 {
+            assert_eq!(root["access_count"], 12);
+            break;
+        }
+        assert!(Instant::now() < deadline, "windows never showed both replicas' accesses: {body}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    first.shutdown().await;
+    second.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_starting_at_once_on_a_fresh_database_all_migrate() {
+    let database = TestDatabase::create().await;
+    let binary = env!("CARGO_BIN_EXE_endpoint-stats");
+    let runs: Vec<_> = (0..6)
+        .map(|_| {
+            tokio::process::Command::new(binary)
+                .arg("migrate")
+                .env("DATABASE_URL", &database.url)
+                .env("LOG_FORMAT", "text")
+                .output()
+        })
+        .collect();
+    for output in futures_util::future::join_all(runs).await {
+        let output = output.expect("run migrate");
+        assert!(output.status.success(), "migrate failed: {}", String::from_utf8_lossy(&output.stderr));
+    }
+    // And replicas starting together on the migrated database serve at once.
+    let replicas = futures_util::future::join_all((0..3).map(|_| Replica::start(&database.url, &[]))).await;
+    let answers = burst(&replicas.iter().map(|r| r.address.clone()).collect::<Vec<_>>(), "/", 30, 6).await;
+    assert!(answers.iter().all(|(s, _)| *s == 200));
+}
