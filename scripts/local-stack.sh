@@ -1,0 +1,589 @@
+#!/usr/bin/env bash
+# The whole endpoint-stats system on this machine, on 127.0.0.1 only, in one command:
+#
+#   scripts/local-stack.sh up      [--dir DIR] [--base-port N] [--replicas N] [--fast-alerts]
+#   scripts/local-stack.sh status  [--dir DIR]
+#   scripts/local-stack.sh down    [--dir DIR]
+#   scripts/local-stack.sh stop|start|restart|kill PIECE [--dir DIR]
+#
+# Pieces: postgres, redis, sink, alertmanager, postgres-exporter, redis-exporter, replica-N,
+# nginx, prometheus. Everything lives in the state directory DIR (default $REPO_ROOT/.stack):
+# configuration, data, logs, pids, and stack.env with the ports and URLs (tests source it).
+# `down` stops every piece and removes DIR. Ports are BASE+offset (docs/local-stack.md); `up`
+# refuses to start when one of them is in use. The monitoring sources are loaded from
+# deploy/kubernetes/base/monitoring/, not copied; the two documented transformations are done by
+# deploy/local/transform-monitoring.py into DIR.
+#
+# Environment: ENDPOINT_STATS_BIN (default target/release/endpoint-stats), STACK_DIR,
+# STACK_BASE_PORT.
+set -euo pipefail
+
+REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# shellcheck source=scripts/lib/stack-lib.sh
+source "$REPO_ROOT/scripts/lib/stack-lib.sh"
+
+MONITORING="$REPO_ROOT/deploy/kubernetes/base/monitoring"
+LOCAL="$REPO_ROOT/deploy/local"
+NAMESPACE=endpoint-stats
+
+usage() { sed -n '2,19p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+
+# ---------------------------------------------------------------------------------------------
+# arguments
+
+COMMAND="${1:-}"
+[[ -n "$COMMAND" ]] || { usage; exit 2; }
+shift
+PIECE=""
+case "$COMMAND" in
+  stop|start|restart|kill)
+    PIECE="${1:-}"; [[ -n "$PIECE" && "$PIECE" != --* ]] || stack_die "$COMMAND needs a piece name"
+    shift ;;
+  up|down|status) ;;
+  -h|--help|help) usage; exit 0 ;;
+  *) usage; exit 2 ;;
+esac
+
+STACK_DIR="${STACK_DIR:-$REPO_ROOT/.stack}"
+BASE_PORT="${STACK_BASE_PORT:-19400}"
+REPLICAS=3
+FAST_ALERTS=0
+while (($#)); do
+  case "$1" in
+    --dir) STACK_DIR="$2"; shift 2 ;;
+    --base-port) BASE_PORT="$2"; shift 2 ;;
+    --replicas) REPLICAS="$2"; shift 2 ;;
+    --fast-alerts) FAST_ALERTS=1; shift ;;
+    -h|--help) usage; exit 0 ;;
+    *) stack_die "unknown argument: $1" ;;
+  esac
+done
+mkdir -p "$(dirname "$STACK_DIR")"
+STACK_DIR="$(cd "$(dirname "$STACK_DIR")" && pwd)/$(basename "$STACK_DIR")"
+export STACK_DIR
+if ! [[ "$BASE_PORT" =~ ^[0-9]+$ ]] || ((BASE_PORT < 1024 || BASE_PORT > 65000)); then
+  stack_die "--base-port must be 1024..65000"
+fi
+if ! [[ "$REPLICAS" =~ ^[0-9]+$ ]] || ((REPLICAS < 1 || REPLICAS > 9)); then
+  stack_die "--replicas must be 1..9"
+fi
+# Listening ports inside the kernel's ephemeral range can be taken at any moment by the local end
+# of an outgoing connection (the replicas' own database connections, for one).
+read -r EPHEMERAL_LOW EPHEMERAL_HIGH </proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || EPHEMERAL_LOW=32768 EPHEMERAL_HIGH=60999
+if [[ "$COMMAND" == up ]] && ((BASE_PORT + 19 >= EPHEMERAL_LOW && BASE_PORT <= EPHEMERAL_HIGH)); then
+  stack_die "--base-port $BASE_PORT: the ports $BASE_PORT..$((BASE_PORT + 19)) overlap the ephemeral range $EPHEMERAL_LOW..$EPHEMERAL_HIGH (net.ipv4.ip_local_port_range); choose a base below $((EPHEMERAL_LOW - 20))"
+fi
+
+# Timings of --fast-alerts (the end-to-end test): alert `for:` and Alertmanager grouping.
+FAST_FOR=10s FAST_GROUP_WAIT=1s FAST_GROUP_INTERVAL=5s FAST_REPEAT_INTERVAL=1m
+SCRAPE_INTERVAL=2s
+
+# ---------------------------------------------------------------------------------------------
+# ports and tools
+
+set_ports() {
+  LB_PORT=$BASE_PORT
+  PROMETHEUS_PORT=$((BASE_PORT + 1))
+  ALERTMANAGER_PORT=$((BASE_PORT + 2))
+  SINK_PORT=$((BASE_PORT + 3))
+  POSTGRES_PORT=$((BASE_PORT + 4))
+  REDIS_PORT=$((BASE_PORT + 5))
+  POSTGRES_EXPORTER_PORT=$((BASE_PORT + 6))
+  REDIS_EXPORTER_PORT=$((BASE_PORT + 7))
+  REPLICA_BASE_PORT=$((BASE_PORT + 10))
+}
+replica_port() { echo $((REPLICA_BASE_PORT + $1)); }
+
+# piece -> port (for messages and status)
+piece_port() {
+  case "$1" in
+    nginx) echo "$LB_PORT" ;;
+    prometheus) echo "$PROMETHEUS_PORT" ;;
+    alertmanager) echo "$ALERTMANAGER_PORT" ;;
+    sink) echo "$SINK_PORT" ;;
+    postgres) echo "$POSTGRES_PORT" ;;
+    redis) echo "$REDIS_PORT" ;;
+    postgres-exporter) echo "$POSTGRES_EXPORTER_PORT" ;;
+    redis-exporter) echo "$REDIS_EXPORTER_PORT" ;;
+    replica-*) replica_port "${1#replica-}" ;;
+  esac
+}
+
+all_pieces() {
+  local i
+  printf '%s\n' postgres redis sink alertmanager postgres-exporter redis-exporter
+  for ((i = 1; i <= REPLICAS; i++)); do echo "replica-$i"; done
+  printf '%s\n' nginx prometheus
+}
+
+find_tools() {
+  PG_BIN_DIR="$(find /usr/lib/postgresql -maxdepth 2 -name bin -type d 2>/dev/null | sort -V | tail -1)"
+  [[ -x "$PG_BIN_DIR/initdb" ]] || PG_BIN_DIR="$(dirname "$(command -v initdb 2>/dev/null || echo /nonexistent/initdb)")"
+  [[ -x "$PG_BIN_DIR/initdb" && -x "$PG_BIN_DIR/postgres" ]] || stack_die "PostgreSQL server binaries not found (apt-get install postgresql)"
+  ALERTMANAGER_CMD="$(command -v prometheus-alertmanager || command -v alertmanager || true)"
+  PG_EXPORTER_CMD="$(command -v prometheus-postgres-exporter || command -v postgres_exporter || true)"
+  REDIS_EXPORTER_CMD="$(command -v prometheus-redis-exporter || command -v redis_exporter || true)"
+  NGINX_CMD="$(command -v nginx || { [[ -x /usr/sbin/nginx ]] && echo /usr/sbin/nginx; } || true)"
+  local missing=() tool
+  [[ -n "$ALERTMANAGER_CMD" ]] || missing+=(prometheus-alertmanager)
+  [[ -n "$PG_EXPORTER_CMD" ]] || missing+=(prometheus-postgres-exporter)
+  [[ -n "$REDIS_EXPORTER_CMD" ]] || missing+=(prometheus-redis-exporter)
+  [[ -n "$NGINX_CMD" ]] || missing+=(nginx)
+  for tool in prometheus promtool amtool redis-server redis-cli psql pg_isready curl python3 setsid ss; do
+    command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
+  done
+  ((${#missing[@]} == 0)) || stack_die "missing tools: ${missing[*]} (Debian packages; scripts/lib/ensure-deps.sh installs them)"
+  ENDPOINT_STATS_BIN="${ENDPOINT_STATS_BIN:-$REPO_ROOT/target/release/endpoint-stats}"
+  [[ -x "$ENDPOINT_STATS_BIN" ]] || stack_die "service binary $ENDPOINT_STATS_BIN missing (cargo build --release)"
+  # PostgreSQL refuses to run as root: as root, the cluster runs as the postgres user.
+  PG_AS=()
+  if [[ $(id -u) -eq 0 ]]; then
+    id postgres >/dev/null 2>&1 || stack_die "running as root needs the postgres user (Debian package postgresql)"
+    PG_AS=(setpriv --reuid=postgres --regid=postgres --init-groups --)
+  fi
+  PYTHON=python3
+  [[ -x "$REPO_ROOT/.venv/bin/python" ]] && PYTHON="$REPO_ROOT/.venv/bin/python"
+}
+
+# ---------------------------------------------------------------------------------------------
+# state
+
+ENV_FILE_NAME=stack.env
+
+load_env() {
+  [[ -f "$STACK_DIR/$ENV_FILE_NAME" ]] || stack_die "no stack in $STACK_DIR (run: $0 up --dir $STACK_DIR)"
+  # shellcheck disable=SC1090
+  source "$STACK_DIR/$ENV_FILE_NAME"
+  BASE_PORT="$STACK_BASE_PORT" REPLICAS="$STACK_REPLICAS" FAST_ALERTS="$STACK_FAST_ALERTS"
+  set_ports
+}
+
+write_env() {
+  local i urls=()
+  for ((i = 1; i <= REPLICAS; i++)); do urls+=("http://127.0.0.1:$(replica_port "$i")"); done
+  cat >"$STACK_DIR/$ENV_FILE_NAME" <<EOF
+# Written by scripts/local-stack.sh up; sourced by status/down/stop/start and by the tests.
+STACK_DIR=$STACK_DIR
+STACK_BASE_PORT=$BASE_PORT
+STACK_REPLICAS=$REPLICAS
+STACK_FAST_ALERTS=$FAST_ALERTS
+ENDPOINT_STATS_BIN=$ENDPOINT_STATS_BIN
+LB_URL=http://127.0.0.1:$LB_PORT
+REPLICA_URLS="${urls[*]}"
+PROMETHEUS_URL=http://127.0.0.1:$PROMETHEUS_PORT
+ALERTMANAGER_URL=http://127.0.0.1:$ALERTMANAGER_PORT
+SINK_URL=http://127.0.0.1:$SINK_PORT
+SINK_POSTS=$STACK_DIR/sink/posts.jsonl
+POSTGRES_EXPORTER_URL=http://127.0.0.1:$POSTGRES_EXPORTER_PORT/metrics
+REDIS_EXPORTER_URL=http://127.0.0.1:$REDIS_EXPORTER_PORT/metrics
+POSTGRES_PORT=$POSTGRES_PORT
+REDIS_PORT=$REDIS_PORT
+DATABASE_URL=postgres://postgres@127.0.0.1:$POSTGRES_PORT/endpoint_stats
+REDIS_URL=redis://127.0.0.1:$REDIS_PORT
+ALERTMANAGER_CONFIG=$STACK_DIR/alertmanager/alertmanager.yml
+EOF
+}
+
+# Process identity: the pid file plus the process start time, so that a recycled pid is never
+# taken for a piece of the stack.
+record_start() {
+  local pid
+  pid="$(cat "$STACK_DIR/pids/$1.pid")"
+  awk '{print $22}' "/proc/$pid/stat" >"$STACK_DIR/pids/$1.start" 2>/dev/null || true
+}
+owned_pid() {
+  local name="$1" pid start
+  pid="$(piece_pid "$name")"
+  [[ -n "$pid" ]] && pid_alive "$pid" || return 1
+  start="$(cat "$STACK_DIR/pids/$name.start" 2>/dev/null || true)"
+  [[ -z "$start" || "$start" == "$(awk '{print $22}' "/proc/$pid/stat" 2>/dev/null)" ]] || return 1
+  echo "$pid"
+}
+
+render() { # render TEMPLATE OUT KEY=VALUE...: replaces @KEY@ (values may span lines)
+  local template="$1" out="$2"; shift 2
+  "$PYTHON" - "$template" "$out" "$@" <<'EOF'
+import re, sys
+text = open(sys.argv[1]).read()
+for pair in sys.argv[3:]:
+    key, value = pair.split("=", 1)
+    text = text.replace(f"@{key}@", value)
+left = re.findall(r"@[A-Z_]+@", text)
+if left:
+    sys.exit(f"unrendered placeholders in {sys.argv[1]}: {sorted(set(left))}")
+open(sys.argv[2], "w").write(text)
+EOF
+}
+
+# ---------------------------------------------------------------------------------------------
+# configuration (at `up`)
+
+configure() {
+  local i
+  mkdir -p "$STACK_DIR"/{pids,logs,redis,sink,nginx/tmp,prometheus/data,alertmanager/data,alertmanager/secrets}
+  chmod 755 "$STACK_DIR"
+
+  # Slack webhook: the Kubernetes Secret file, here a file with the sink's URL.
+  echo "http://127.0.0.1:$SINK_PORT/services/local/sink" >"$STACK_DIR/alertmanager/secrets/slack-webhook-url"
+
+  # Alertmanager: the repository's alertmanager.yml, api_url_file pointed at that file (and the
+  # grouping timers shortened with --fast-alerts).
+  local am_args=(alertmanager "$MONITORING/alertmanager/alertmanager.yml" "$STACK_DIR/alertmanager/alertmanager.yml"
+    --webhook-file "$STACK_DIR/alertmanager/secrets/slack-webhook-url")
+  ((FAST_ALERTS)) && am_args+=(--group-wait "$FAST_GROUP_WAIT" --group-interval "$FAST_GROUP_INTERVAL" --repeat-interval "$FAST_REPEAT_INTERVAL")
+  "$PYTHON" "$LOCAL/transform-monitoring.py" "${am_args[@]}" 2>>"$STACK_DIR/logs/configure.log" \
+    || { cat "$STACK_DIR/logs/configure.log" >&2; return 1; }
+  amtool check-config "$STACK_DIR/alertmanager/alertmanager.yml" >>"$STACK_DIR/logs/configure.log" 2>&1 \
+    || { stack_log "amtool check-config failed"; tail -20 "$STACK_DIR/logs/configure.log" >&2; return 1; }
+
+  # Rules: the repository's files as they are, or (--fast-alerts) copies with short `for:`.
+  local rules_glob="$MONITORING/prometheus/rules/*.yml" rule
+  compgen -G "$rules_glob" >/dev/null || { stack_log "no rule files match $rules_glob"; return 1; }
+  if ((FAST_ALERTS)); then
+    mkdir -p "$STACK_DIR/prometheus/rules"
+    for rule in "$MONITORING"/prometheus/rules/*.yml; do
+      "$PYTHON" "$LOCAL/transform-monitoring.py" rules "$rule" "$STACK_DIR/prometheus/rules/$(basename "$rule")" \
+        --for "$FAST_FOR" 2>>"$STACK_DIR/logs/configure.log" || { cat "$STACK_DIR/logs/configure.log" >&2; return 1; }
+    done
+    rules_glob="$STACK_DIR/prometheus/rules/*.yml"
+  fi
+
+  local scrape_targets=""
+  for ((i = 1; i <= REPLICAS; i++)); do
+    scrape_targets+="      - targets:
+          - 127.0.0.1:$(replica_port "$i")
+        labels:
+          namespace: $NAMESPACE
+          pod: endpoint-stats-$i
+"
+  done
+  render "$LOCAL/prometheus.yml.tmpl" "$STACK_DIR/prometheus/prometheus.yml" \
+    "SCRAPE_INTERVAL=$SCRAPE_INTERVAL" "RULES_GLOB=$rules_glob" "ALERTMANAGER_PORT=$ALERTMANAGER_PORT" \
+    "REPLICA_TARGETS=${scrape_targets%$'\n'}" "POSTGRES_EXPORTER_PORT=$POSTGRES_EXPORTER_PORT" \
+    "REDIS_EXPORTER_PORT=$REDIS_EXPORTER_PORT" "PROMETHEUS_PORT=$PROMETHEUS_PORT" "LB_PORT=$LB_PORT" \
+    "NAMESPACE=$NAMESPACE" || return 1
+  promtool check config "$STACK_DIR/prometheus/prometheus.yml" >>"$STACK_DIR/logs/configure.log" 2>&1 \
+    || { stack_log "promtool check config failed"; tail -20 "$STACK_DIR/logs/configure.log" >&2; return 1; }
+
+  local servers=""
+  for ((i = 1; i <= REPLICAS; i++)); do
+    servers+="        server 127.0.0.1:$(replica_port "$i") max_fails=1 fail_timeout=2s;
+"
+  done
+  render "$LOCAL/nginx.conf.tmpl" "$STACK_DIR/nginx/nginx.conf" \
+    "STATE=$STACK_DIR" "LB_PORT=$LB_PORT" "UPSTREAM_SERVERS=${servers%$'\n'}" || return 1
+  "$NGINX_CMD" -t -q -c "$STACK_DIR/nginx/nginx.conf" -p "$STACK_DIR/nginx/" -e "$STACK_DIR/logs/nginx-error.log" \
+    >>"$STACK_DIR/logs/configure.log" 2>&1 \
+    || { stack_log "nginx -t failed"; tail -20 "$STACK_DIR/logs/configure.log" >&2; return 1; }
+
+  # PostgreSQL: a throwaway cluster of its own.
+  mkdir -p "$STACK_DIR/postgres"
+  if ((${#PG_AS[@]})) && ! "${PG_AS[@]}" test -x "$STACK_DIR"; then
+    stack_log "the postgres user cannot reach $STACK_DIR (a parent directory is not searchable): choose another --dir or chmod o+x its parents"
+    return 1
+  fi
+  touch "$STACK_DIR/logs/postgres.log"
+  if ((${#PG_AS[@]})); then chown postgres: "$STACK_DIR/postgres" "$STACK_DIR/logs/postgres.log"; fi
+  "${PG_AS[@]}" "$PG_BIN_DIR/initdb" -D "$STACK_DIR/postgres/data" -U postgres --auth=trust -E UTF8 \
+    --no-sync >>"$STACK_DIR/logs/postgres.log" 2>&1 \
+    || { stack_log "initdb failed"; log_tail postgres; return 1; }
+}
+
+# ---------------------------------------------------------------------------------------------
+# pieces
+
+start_one() {
+  local name="$1" port
+  port="$(piece_port "$name")"
+  if owned_pid "$name" >/dev/null; then stack_log "$name already runs"; return 0; fi
+  if port_in_use "$port"; then
+    local owner
+    owner="$(port_owner "$port")"
+    stack_log "$name: port $port is in use${owner:+ by $owner}"
+    return 1
+  fi
+  case "$name" in
+    postgres)
+      start_piece postgres "${PG_AS[@]}" "$PG_BIN_DIR/postgres" -D "$STACK_DIR/postgres/data" \
+        -p "$POSTGRES_PORT" -k "$STACK_DIR/postgres" -c listen_addresses=127.0.0.1 -c max_connections=100
+      record_start postgres
+      wait_until postgres 30 pg_isready -q -h 127.0.0.1 -p "$POSTGRES_PORT" || return 1
+      if [[ -z "$(psql -h 127.0.0.1 -p "$POSTGRES_PORT" -U postgres -d postgres -tAc \
+        "select 1 from pg_database where datname = 'endpoint_stats'")" ]]; then
+        psql -h 127.0.0.1 -p "$POSTGRES_PORT" -U postgres -d postgres -qc 'create database endpoint_stats' \
+          >>"$STACK_DIR/logs/postgres.log" 2>&1 || { log_tail postgres; return 1; }
+      fi ;;
+    redis)
+      start_piece redis redis-server --bind 127.0.0.1 --port "$REDIS_PORT" --save '' --appendonly no \
+        --dir "$STACK_DIR/redis" --daemonize no --protected-mode yes
+      record_start redis
+      wait_until redis 20 redis-cli -h 127.0.0.1 -p "$REDIS_PORT" ping ;;
+    sink)
+      start_piece sink python3 "$LOCAL/slack-sink.py" --port "$SINK_PORT" --out "$STACK_DIR/sink/posts.jsonl"
+      record_start sink
+      wait_until sink 20 http_ok "http://127.0.0.1:$SINK_PORT/" ;;
+    alertmanager)
+      start_piece alertmanager "$ALERTMANAGER_CMD" --config.file="$STACK_DIR/alertmanager/alertmanager.yml" \
+        --storage.path="$STACK_DIR/alertmanager/data" --web.listen-address="127.0.0.1:$ALERTMANAGER_PORT" \
+        --web.external-url="http://127.0.0.1:$ALERTMANAGER_PORT/" --cluster.listen-address=
+      record_start alertmanager
+      wait_until alertmanager 30 http_ok "http://127.0.0.1:$ALERTMANAGER_PORT/-/ready" ;;
+    postgres-exporter)
+      start_piece postgres-exporter env \
+        "DATA_SOURCE_NAME=postgresql://postgres@127.0.0.1:$POSTGRES_PORT/postgres?sslmode=disable" \
+        "$PG_EXPORTER_CMD" --web.listen-address="127.0.0.1:$POSTGRES_EXPORTER_PORT"
+      record_start postgres-exporter
+      wait_until postgres-exporter 20 http_ok "http://127.0.0.1:$POSTGRES_EXPORTER_PORT/metrics" ;;
+    redis-exporter)
+      start_piece redis-exporter "$REDIS_EXPORTER_CMD" -redis.addr "redis://127.0.0.1:$REDIS_PORT" \
+        -web.listen-address "127.0.0.1:$REDIS_EXPORTER_PORT"
+      record_start redis-exporter
+      wait_until redis-exporter 20 http_ok "http://127.0.0.1:$REDIS_EXPORTER_PORT/metrics" ;;
+    replica-*)
+      launch_replica "$name" && wait_replica "$name" ;;
+    nginx)
+      start_piece nginx "$NGINX_CMD" -c "$STACK_DIR/nginx/nginx.conf" -p "$STACK_DIR/nginx/" \
+        -e "$STACK_DIR/logs/nginx-error.log"
+      record_start nginx
+      wait_until nginx 20 http_ok "http://127.0.0.1:$LB_PORT/health" ;;
+    prometheus)
+      local resend=15s
+      ((FAST_ALERTS)) && resend=2s
+      start_piece prometheus prometheus --config.file="$STACK_DIR/prometheus/prometheus.yml" \
+        --storage.tsdb.path="$STACK_DIR/prometheus/data" --storage.tsdb.retention.time=1d \
+        --web.listen-address="127.0.0.1:$PROMETHEUS_PORT" --web.enable-lifecycle \
+        --rules.alert.resend-delay="$resend"
+      record_start prometheus
+      wait_until prometheus 30 http_ok "http://127.0.0.1:$PROMETHEUS_PORT/-/ready" ;;
+    *) stack_log "unknown piece: $name"; return 1 ;;
+  esac
+}
+
+launch_replica() {
+  local name="$1" port
+  port="$(piece_port "$name")"
+  start_piece_with_rc "$name" env \
+    "DATABASE_URL=postgres://postgres@127.0.0.1:$POSTGRES_PORT/endpoint_stats" \
+    "REDIS_URL=redis://127.0.0.1:$REDIS_PORT" "PORT=$port" BIND=127.0.0.1 LOG_FORMAT=json RUST_LOG=info \
+    DB_POOL_SIZE=8 SHUTDOWN_GRACE_SECS=10 "$ENDPOINT_STATS_BIN" serve || return 1
+  record_start "$name"
+}
+wait_replica() { wait_until "$1" 60 http_ok "http://127.0.0.1:$(piece_port "$1")/ready"; }
+
+# stop_one NAME: graceful stop; prints the exit status of a replica.
+stop_one() {
+  local name="$1" pid
+  pid="$(owned_pid "$name")" || { stack_log "$name is not running"; return 0; }
+  case "$name" in
+    postgres)
+      # SIGINT: PostgreSQL's fast shutdown (SIGTERM would wait for the replicas' pools to close)
+      kill -INT "$pid" 2>/dev/null || true
+      wait_gone "$pid" 30 || stop_pid postgres "$pid" 5 ;;
+    replica-*)
+      stop_pid "$name" "$pid" 30
+      local rc="" _
+      for _ in $(seq 1 50); do
+        rc="$(cat "$STACK_DIR/pids/$name.rc" 2>/dev/null || true)"; [[ -n "$rc" ]] && break; sleep 0.1
+      done
+      stack_log "$name stopped (exit status ${rc:-unknown})"
+      [[ "$rc" == 0 ]] || return 1 ;;
+    *) stop_pid "$name" "$pid" 15 ;;
+  esac
+  rm -f "$STACK_DIR/pids/$name.pid" "$STACK_DIR/pids/$name.start"
+}
+
+stop_all() {
+  local pieces name i
+  mapfile -t pieces < <(all_pieces)
+  # reverse order: Prometheus and nginx first, PostgreSQL last
+  for ((i = ${#pieces[@]} - 1; i >= 0; i--)); do
+    name="${pieces[$i]}"
+    owned_pid "$name" >/dev/null && { stop_one "$name" || true; }
+  done
+  # replicas were started by a waiting bash: wait for those to write their status and end
+  local _
+  for _ in $(seq 1 50); do pgrep -f "piece-wrapper $STACK_DIR/" >/dev/null || break; sleep 0.1; done
+  return 0
+}
+
+# ---------------------------------------------------------------------------------------------
+# commands
+
+cmd_up() {
+  set_ports
+  find_tools
+  if [[ -f "$STACK_DIR/$ENV_FILE_NAME" ]]; then
+    # a previous stack in this directory: refuse while any of its pieces runs
+    local running
+    running="$(load_env; for name in $(all_pieces); do owned_pid "$name" >/dev/null && echo "$name"; done; true)"
+    [[ -z "$running" ]] || stack_die "a stack already runs in $STACK_DIR ($(echo "$running" | tr '\n' ' ')): use status or down"
+  fi
+  if [[ -e "$STACK_DIR" ]]; then
+    [[ -f "$STACK_DIR/.local-stack" || -z "$(ls -A "$STACK_DIR")" ]] \
+      || stack_die "$STACK_DIR exists and is not a stack directory: choose another --dir"
+    rm -rf "$STACK_DIR"
+  fi
+  local name ports=() busy
+  for name in $(all_pieces); do ports+=("$(piece_port "$name")"); done
+  busy="$(busy_ports "${ports[@]}" | head -1 || true)"
+  if [[ -n "$busy" ]]; then
+    for name in $(all_pieces); do [[ "$(piece_port "$name")" == "$busy" ]] && break; done
+    stack_die "port $busy (for $name) is in use ($(port_owner "$busy")): choose another --base-port (now $BASE_PORT)"
+  fi
+
+  local started=$SECONDS
+  mkdir -p "$STACK_DIR"
+  touch "$STACK_DIR/.local-stack"
+  write_env
+  stack_log "configuring in $STACK_DIR (fast alerts: $([[ $FAST_ALERTS == 1 ]] && echo on || echo off))"
+  configure || up_failed configuration
+
+  for name in postgres redis sink alertmanager postgres-exporter redis-exporter; do
+    stack_log "starting $name on 127.0.0.1:$(piece_port "$name")"
+    start_one "$name" || up_failed "$name"
+  done
+  # The replicas start together (their migrations must be safe to run concurrently).
+  local i
+  for ((i = 1; i <= REPLICAS; i++)); do
+    stack_log "starting replica-$i on 127.0.0.1:$(replica_port "$i")"
+    launch_replica "replica-$i" || up_failed "replica-$i"
+  done
+  for ((i = 1; i <= REPLICAS; i++)); do wait_replica "replica-$i" || up_failed "replica-$i"; done
+  for name in nginx prometheus; do
+    stack_log "starting $name on 127.0.0.1:$(piece_port "$name")"
+    start_one "$name" || up_failed "$name"
+  done
+  stack_log "waiting for Prometheus to scrape every target"
+  wait_until prometheus 30 all_targets_up || { show_targets >&2; up_failed "prometheus targets"; }
+  stack_log "up in $((SECONDS - started))s"
+  print_urls
+}
+
+up_failed() {
+  stack_log "startup failed at: $1 — stopping what was started (logs stay in $STACK_DIR/logs; '$0 down --dir $STACK_DIR' removes them)"
+  stop_all
+  exit 1
+}
+
+all_targets_up() {
+  curl -fsS --max-time 2 "http://127.0.0.1:$PROMETHEUS_PORT/api/v1/targets?state=active" | python3 -c '
+import json, sys
+targets = json.load(sys.stdin)["data"]["activeTargets"]
+sys.exit(0 if targets and all(t["health"] == "up" for t in targets) else 1)'
+}
+
+show_targets() {
+  curl -fsS --max-time 2 "http://127.0.0.1:$PROMETHEUS_PORT/api/v1/targets?state=active" | python3 -c '
+import json, sys
+for t in json.load(sys.stdin)["data"]["activeTargets"]:
+    print(f"  {t[\"labels\"][\"job\"]:20} {t[\"scrapeUrl\"]:40} {t[\"health\"]:8} {t.get(\"lastError\", \"\")}")' || true
+}
+
+print_urls() {
+  local i
+  cat <<EOF
+
+endpoint-stats local stack in $STACK_DIR
+  load balancer (nginx)   http://127.0.0.1:$LB_PORT/        (/, /stats, /api/v1/endpoints)
+EOF
+  for ((i = 1; i <= REPLICAS; i++)); do
+    printf '  replica-%-15s http://127.0.0.1:%s/   (log: %s)\n' "$i" "$(replica_port "$i")" "$STACK_DIR/logs/replica-$i.log"
+  done
+  cat <<EOF
+  Prometheus              http://127.0.0.1:$PROMETHEUS_PORT/
+  Alertmanager            http://127.0.0.1:$ALERTMANAGER_PORT/
+  Slack sink              http://127.0.0.1:$SINK_PORT/      (posts: $STACK_DIR/sink/posts.jsonl)
+  postgres_exporter       http://127.0.0.1:$POSTGRES_EXPORTER_PORT/metrics
+  redis_exporter          http://127.0.0.1:$REDIS_EXPORTER_PORT/metrics
+  PostgreSQL              postgres://postgres@127.0.0.1:$POSTGRES_PORT/endpoint_stats
+  Redis                   redis://127.0.0.1:$REDIS_PORT
+  environment for scripts $STACK_DIR/$ENV_FILE_NAME
+stop and remove everything: $0 down --dir $STACK_DIR
+EOF
+}
+
+cmd_status() {
+  if [[ ! -f "$STACK_DIR/$ENV_FILE_NAME" ]]; then echo "no stack in $STACK_DIR"; return 3; fi
+  load_env
+  local name pid port state health running=0 total=0
+  printf '%-18s %-8s %-7s %-9s %s\n' PIECE PID PORT STATE CHECK
+  for name in $(all_pieces); do
+    total=$((total + 1))
+    port="$(piece_port "$name")"
+    if pid="$(owned_pid "$name")"; then
+      state=running; running=$((running + 1))
+      health="$(piece_health "$name")"
+    else
+      pid=- state=stopped health=-
+      [[ -f "$STACK_DIR/pids/$name.rc" ]] && health="last exit status $(cat "$STACK_DIR/pids/$name.rc")"
+    fi
+    printf '%-18s %-8s %-7s %-9s %s\n' "$name" "$pid" "$port" "$state" "$health"
+  done
+  echo "$running of $total pieces running in $STACK_DIR"
+  ((running == total))
+}
+
+piece_health() {
+  local ok=ok bad=failing
+  case "$1" in
+    postgres) pg_isready -q -h 127.0.0.1 -p "$POSTGRES_PORT" && echo "$ok" || echo "$bad" ;;
+    redis) redis-cli -h 127.0.0.1 -p "$REDIS_PORT" ping 2>/dev/null | grep -q PONG && echo "$ok" || echo "$bad" ;;
+    sink) curl -fsS --max-time 2 "http://127.0.0.1:$SINK_PORT/" 2>/dev/null | tr -d '\n' || echo "$bad" ;;
+    alertmanager|prometheus) http_ok "http://127.0.0.1:$(piece_port "$1")/-/ready" && echo "$ok" || echo "$bad" ;;
+    *-exporter) http_ok "http://127.0.0.1:$(piece_port "$1")/metrics" && echo "$ok" || echo "$bad" ;;
+    replica-*) curl -sS --max-time 2 -o /dev/null -w '/ready %{http_code}' "http://127.0.0.1:$(piece_port "$1")/ready" 2>/dev/null || echo "$bad" ;;
+    nginx) curl -sS --max-time 2 -o /dev/null -w '/health %{http_code}' "http://127.0.0.1:$LB_PORT/health" 2>/dev/null || echo "$bad" ;;
+  esac
+}
+
+cmd_down() {
+  if [[ ! -e "$STACK_DIR" ]]; then echo "no stack in $STACK_DIR: nothing to do"; return 0; fi
+  [[ -f "$STACK_DIR/.local-stack" ]] || stack_die "$STACK_DIR is not a stack directory (no .local-stack marker): not touching it"
+  if [[ -f "$STACK_DIR/$ENV_FILE_NAME" ]]; then
+    load_env
+    find_tools_light
+    stack_log "stopping the stack in $STACK_DIR"
+    stop_all
+    local name left=()
+    for name in $(all_pieces); do owned_pid "$name" >/dev/null && left+=("$name"); done
+    ((${#left[@]} == 0)) || stack_die "still running: ${left[*]} — $STACK_DIR kept"
+    for name in $(all_pieces); do
+      if port_in_use "$(piece_port "$name")"; then
+        stack_log "note: port $(piece_port "$name") ($name) is still in use ($(port_owner "$(piece_port "$name")"))"
+      fi
+    done
+  fi
+  rm -rf "$STACK_DIR"
+  stack_log "stopped; removed $STACK_DIR"
+}
+
+# down, stop and status need no binaries but the ones they call
+find_tools_light() { PG_AS=(); }
+
+cmd_piece() {
+  load_env
+  find_tools
+  local name="$PIECE"
+  all_pieces | grep -x -- "$name" >/dev/null || stack_die "unknown piece $name (pieces: $(all_pieces | tr '\n' ' '))"
+  case "$COMMAND" in
+    stop) stop_one "$name" && stack_log "$name stopped" ;;
+    start) start_one "$name" && stack_log "$name started, ready on port $(piece_port "$name")" ;;
+    restart) stop_one "$name" && start_one "$name" && stack_log "$name started, ready on port $(piece_port "$name")" ;;
+    kill) # a crash: SIGKILL, no drain
+      local pid
+      if pid="$(owned_pid "$name")"; then
+        kill -KILL "$pid"; wait_gone "$pid" 10
+        rm -f "$STACK_DIR/pids/$name.pid" "$STACK_DIR/pids/$name.start"
+        stack_log "$name killed (pid $pid)"
+      else
+        stack_log "$name is not running"
+      fi ;;
+  esac
+}
+
+case "$COMMAND" in
+  up) cmd_up ;;
+  down) cmd_down ;;
+  status) cmd_status ;;
+  stop|start|restart|kill) cmd_piece ;;
+esac

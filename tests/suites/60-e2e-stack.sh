@@ -1,0 +1,229 @@
+#!/usr/bin/env bash
+# End to end on the local stack (scripts/local-stack.sh, docs/local-stack.md): PostgreSQL, Redis,
+# exporters, three replicas behind nginx, Prometheus with the repository's rules, Alertmanager
+# with the repository's alertmanager.yml, a Slack sink. Brings its own stack up in a temporary
+# state directory on free ports, always tears it down, and checks, in this order:
+#   a. the dashboard: every panel query of grafana/dashboards/endpoint-statistics.json runs on
+#      Prometheus after load through the load balancer; each returns data, except the
+#      Kubernetes-only ones listed below, which must still be valid queries;
+#   b. the alert pipeline into Slack: Watchdog, EndpointStatsDown (every replica killed),
+#      DatabaseConnectionIssues and HighErrorRate (PostgreSQL stopped under traffic),
+#      RedisConnectionIssues (Redis stopped), each posted to the channel that alertmanager.yml
+#      routes it to;
+#   a2. the dashboard again, after those faults and restarts;
+#   c. a rolling restart of the replicas under load: every request 200, no lost count.
+# Takes about two minutes.
+# Run by scripts/test.sh (REPO_ROOT, ENDPOINT_STATS_BIN exported); alone:
+#   REPO_ROOT=$PWD ENDPOINT_STATS_BIN=$PWD/target/release/endpoint-stats bash tests/suites/60-e2e-stack.sh
+set -euo pipefail
+
+REPO_ROOT="${REPO_ROOT:-$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)}"
+export REPO_ROOT
+export ENDPOINT_STATS_BIN="${ENDPOINT_STATS_BIN:-$REPO_ROOT/target/release/endpoint-stats}"
+cd "$REPO_ROOT"
+# shellcheck source=tests/e2e/lib.sh
+source "$REPO_ROOT/tests/e2e/lib.sh"
+
+MONITORING="$REPO_ROOT/deploy/kubernetes/base/monitoring"
+RULES="$MONITORING/prometheus/rules/endpoint-stats.rules.yml"
+ALERTMANAGER_YML="$MONITORING/alertmanager/alertmanager.yml"
+DASHBOARD="$MONITORING/grafana/dashboards/endpoint-statistics.json"
+PY=python3
+[[ -x "$REPO_ROOT/.venv/bin/python" ]] && PY="$REPO_ROOT/.venv/bin/python"
+E2E=("$PY" "$REPO_ROOT/tests/e2e/e2e.py")
+STACK=(bash "$REPO_ROOT/scripts/local-stack.sh")
+
+# Dashboard queries that need Kubernetes (kube-state-metrics, cAdvisor, kubelet): nothing here
+# produces their series, so they must be valid queries with an empty result. "PANEL TITLE/REFID".
+K8S_ONLY_QUERIES=(
+  "Replicas and autoscaler/A"    # kube_deployment_status_replicas_available
+  "Replicas and autoscaler/B"    # kube_horizontalpodautoscaler_status_current_replicas
+  "Replicas and autoscaler/C"    # kube_horizontalpodautoscaler_status_desired_replicas
+  "Replicas and autoscaler/D"    # kube_horizontalpodautoscaler_spec_max_replicas
+  "Replicas and autoscaler/E"    # kube_horizontalpodautoscaler_spec_min_replicas
+  "Container restarts (1h)/A"    # kube_pod_container_status_restarts_total
+  "CPU per pod vs requests and limits/A"     # container_cpu_usage_seconds_total (cAdvisor)
+  "CPU per pod vs requests and limits/B"     # kube_pod_container_resource_requests
+  "CPU per pod vs requests and limits/C"     # kube_pod_container_resource_limits
+  "Memory per pod vs requests and limits/A"  # container_memory_working_set_bytes (cAdvisor)
+  "Memory per pod vs requests and limits/C"  # kube_pod_container_resource_requests
+  "Memory per pod vs requests and limits/D"  # kube_pod_container_resource_limits
+)
+
+for tool in curl jq wrk psql amtool promtool; do
+  command -v "$tool" >/dev/null || { echo "FAIL: $tool is missing (scripts/lib/ensure-deps.sh installs it)"; exit 1; }
+done
+"$PY" -c 'import yaml' 2>/dev/null || { echo "FAIL: $PY lacks PyYAML (the repository's .venv has it: scripts/lib/ensure-deps.sh)"; exit 1; }
+[[ -x "$ENDPOINT_STATS_BIN" ]] || { echo "FAIL: $ENDPOINT_STATS_BIN missing (cargo build --release)"; exit 1; }
+for file in "$RULES" "$ALERTMANAGER_YML" "$DASHBOARD"; do
+  [[ -f "$file" ]] || { echo "FAIL: monitoring source $file missing"; exit 1; }
+done
+
+E2E_WORK="$(mktemp -d "${TMPDIR:-/tmp}/e2e-stack.XXXXXX")"
+STATE="$E2E_WORK/stack"
+chmod 755 "$E2E_WORK" # the stack's PostgreSQL runs as the postgres user when this runs as root
+
+LOAD_PID=""
+teardown() {
+  local rc=$?
+  set +e
+  traffic_stop_all
+  if [[ -n "$LOAD_PID" ]]; then touch "$E2E_WORK/rolling.stop"; wait "$LOAD_PID"; fi
+  if [[ -d "$STATE" ]]; then
+    if ((rc != 0 || E2E_FAILED > 0)); then
+      section "logs of the failed run (tails)"
+      local log
+      for log in prometheus alertmanager replica-1 nginx-error sink; do
+        [[ -s "$STATE/logs/$log.log" ]] && { echo "--- $log"; tail -n 15 "$STATE/logs/$log.log"; }
+      done
+      if [[ -n "${E2E_KEEP_LOGS:-}" ]]; then
+        mkdir -p "$E2E_KEEP_LOGS" && cp -r "$STATE/logs" "$STATE/sink" "$E2E_KEEP_LOGS/" && echo "logs kept in $E2E_KEEP_LOGS"
+      fi
+    fi
+    "${STACK[@]}" down --dir "$STATE" || echo "WARNING: local-stack down failed for $STATE"
+  fi
+  rm -rf "$E2E_WORK"
+  exit "$rc"
+}
+trap teardown EXIT
+trap 'exit 130' INT TERM
+
+BASE_PORT="$(pick_base_port)" || { echo "FAIL: no block of 20 free ports found"; exit 1; }
+
+# ----------------------------------------------------------------------------------------------
+section "stack up in $STATE (ports $BASE_PORT..$((BASE_PORT + 19)), fast alerts)"
+up_started=$SECONDS
+if ! "${STACK[@]}" up --dir "$STATE" --base-port "$BASE_PORT" --fast-alerts; then
+  fail "local stack up"
+  exit 1
+fi
+pass "local stack up in $((SECONDS - up_started))s"
+# shellcheck disable=SC1091
+source "$STATE/stack.env"
+read -r -a REPLICA_URL_LIST <<<"$REPLICA_URLS"
+
+posts_count() { [[ -f "$SINK_POSTS" ]] && wc -l <"$SINK_POSTS" || echo 0; }
+channel_of() { "${E2E[@]}" channel --rules "$RULES" --alertmanager "$ALERTMANAGER_YML" --alert "$1"; }
+expect_alert() { # expect_alert ALERT SINCE [TIMEOUT]
+  local channel
+  if ! channel="$(channel_of "$1")"; then fail "$1: no Slack channel routed in alertmanager.yml"; return 0; fi
+  record "$1 arrives in $channel" "${E2E[@]}" wait-slack --posts "$SINK_POSTS" --since "$2" \
+    --alert "$1" --channel "$channel" --timeout "${3:-90}"
+}
+all_replicas_ready() {
+  local url
+  for url in "${REPLICA_URL_LIST[@]}"; do http_ok "$url/ready" || return 1; done
+}
+stored_count() {
+  psql -h 127.0.0.1 -p "$POSTGRES_PORT" -U postgres -d endpoint_stats -tAc \
+    "select coalesce(max(access_count), 0) from endpoint_access where endpoint = '/'"
+}
+load_through_lb() { # a few seconds of load on every counted route, and some 404s
+  wrk -t2 -c16 -d4s "$LB_URL/" | grep -E 'Requests/sec|requests in|Non-2xx' | sed 's/^/  wrk \/: /'
+  wrk -t2 -c8 -d2s "$LB_URL/stats" | grep -E 'requests in|Non-2xx' | sed 's/^/  wrk \/stats: /'
+  wrk -t2 -c8 -d2s "$LB_URL/api/v1/endpoints" | grep -E 'requests in|Non-2xx' | sed 's/^/  wrk \/api\/v1\/endpoints: /'
+  local i
+  for i in $(seq 1 20); do curl -s -o /dev/null "$LB_URL/no-such-page-$i"; done
+}
+dashboard_pass() {
+  local args=() ref
+  for ref in "${K8S_ONLY_QUERIES[@]}"; do args+=(--expect-empty "$ref"); done
+  "${E2E[@]}" dashboard --prometheus "$PROMETHEUS_URL" --dashboard "$DASHBOARD" --assert-data "${args[@]}"
+}
+
+# ----------------------------------------------------------------------------------------------
+section "a. dashboard, steady state: load through the load balancer, then every panel query"
+load_through_lb
+"${E2E[@]}" wait-query --prometheus "$PROMETHEUS_URL" --timeout 30 \
+  --query 'sum(rate(http_requests_total{job="endpoint-stats",route="/api/v1/endpoints"}[1m])) > 0' || true
+record "dashboard (steady state): every query valid; data for all but the listed Kubernetes-only ones" \
+  dashboard_pass
+
+# ----------------------------------------------------------------------------------------------
+section "b. alert pipeline into the Slack sink"
+expect_alert Watchdog 0 60
+
+since="$(posts_count)"
+for ((i = 1; i <= STACK_REPLICAS; i++)); do "${STACK[@]}" kill "replica-$i" --dir "$STATE"; done
+expect_alert EndpointStatsDown "$since"
+for ((i = 1; i <= STACK_REPLICAS; i++)); do "${STACK[@]}" start "replica-$i" --dir "$STATE" || fail "replica-$i restart after kill"; done
+
+since="$(posts_count)"
+"${STACK[@]}" stop postgres --dir "$STATE"
+# Traffic on a counted route straight to each replica (nginx skips replicas that answer 503 for
+# a while and answers itself): the service's own 5xx share must pass 5% of the last 5 minutes.
+# With the database down a replica answers 503 only after its pool gives up (3 to 5 s, within
+# REQUEST_TIMEOUT_SECS), so concurrency makes the volume; each wrk run is longer than that answer
+# time, else wrk would cancel every request before its 503 is counted.
+for ((i = 0; i < STACK_REPLICAS; i++)); do
+  traffic_start "db-down-$i" wrk -t1 -c100 -d15s --timeout 20s "${REPLICA_URL_LIST[$i]}/"
+done
+lb_status="$(http_status "$LB_URL/" 20)"
+health_status="$(http_status "${REPLICA_URL_LIST[0]}/health")"
+if [[ "$lb_status" == 503 && "$health_status" == 200 ]]; then
+  pass "database down: / answers 503 through the load balancer, /health stays 200"
+else
+  fail "database down: / answered $lb_status (503 expected), /health $health_status (200 expected)"
+fi
+expect_alert DatabaseConnectionIssues "$since"
+expect_alert HighErrorRate "$since" 120
+for ((i = 0; i < STACK_REPLICAS; i++)); do traffic_stop "db-down-$i"; done
+"${STACK[@]}" start postgres --dir "$STATE" || fail "postgres restart"
+record "every replica ready again within 30s of PostgreSQL's return" poll "replicas ready" 30 all_replicas_ready
+
+since="$(posts_count)"
+"${STACK[@]}" stop redis --dir "$STATE"
+traffic_start redis-down-endpoints curl -s -o /dev/null --max-time 2 "$LB_URL/api/v1/endpoints"
+traffic_start redis-down-root curl -s -o /dev/null --max-time 2 "$LB_URL/"
+expect_alert RedisConnectionIssues "$since"
+lb_status="$(http_status "$LB_URL/")"
+if [[ "$lb_status" == 200 ]]; then pass "Redis down: counting goes on (/ answers 200)"; else fail "Redis down: / answered $lb_status"; fi
+traffic_stop redis-down-endpoints
+traffic_stop redis-down-root
+"${STACK[@]}" start redis --dir "$STATE" || fail "redis restart"
+
+# ----------------------------------------------------------------------------------------------
+section "a2. dashboard again after the faults and restarts of b (error panels now carry values)"
+load_through_lb
+"${E2E[@]}" wait-query --prometheus "$PROMETHEUS_URL" --timeout 30 \
+  --query 'sum(rate(http_requests_total{job="endpoint-stats",route="/api/v1/endpoints"}[1m])) > 0' >/dev/null || true
+if dashboard_pass >"$E2E_WORK/dashboard2.txt"; then
+  pass "dashboard (after faults): every query valid; data for all but the listed Kubernetes-only ones"
+  grep -E '^PASS: Service (database errors|Redis operations and errors/B)' "$E2E_WORK/dashboard2.txt" | sed 's/^PASS/  seen/'
+else
+  grep -E '^(FAIL|INFO: dashboard)' "$E2E_WORK/dashboard2.txt"
+  fail "dashboard (after faults): every query valid; data for all but the listed Kubernetes-only ones"
+fi
+
+# ----------------------------------------------------------------------------------------------
+section "c. rolling restart of the replicas under load"
+before="$(stored_count)"
+results="$E2E_WORK/rolling.json"
+stop_file="$E2E_WORK/rolling.stop"
+"${E2E[@]}" rolling-load --url "$LB_URL" --out "$results" --stop-file "$stop_file" --clients 8 --max-seconds 150 &
+LOAD_PID=$!
+sleep 2
+for ((i = 1; i <= STACK_REPLICAS; i++)); do
+  restart_started=$SECONDS
+  if "${STACK[@]}" restart "replica-$i" --dir "$STATE"; then
+    pass "replica-$i: SIGTERM, exit status 0, started again, /ready 200 ($((SECONDS - restart_started))s)"
+  else
+    fail "replica-$i: rolling restart (exit status $(cat "$STATE/pids/replica-$i.rc" 2>/dev/null || echo '?'))"
+  fi
+  sleep 2
+done
+touch "$stop_file"
+wait "$LOAD_PID" || fail "rolling load client"
+LOAD_PID=""
+after="$(stored_count)"
+record "rolling restart: every request 200, no lost or duplicated count" \
+  "${E2E[@]}" check-counts --results "$results" --before "$before" --after "$after"
+
+# ----------------------------------------------------------------------------------------------
+section "summary"
+if ((E2E_FAILED)); then
+  printf 'failed: %s\n' "${E2E_FAILURES[@]}"
+fi
+echo "e2e-stack finished in ${SECONDS}s"
+echo "e2e-stack: $E2E_PASSED passed, $E2E_FAILED failed"
+((E2E_FAILED == 0))
