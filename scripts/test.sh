@@ -17,9 +17,9 @@ export PATH="$REPO_ROOT/.venv/bin:$PATH"
 export REPO_ROOT
 
 # Built once here so that every suite uses the same binary.
-log "building endpoint-stats (release)"
-cargo build --release --locked --bins
-export ENDPOINT_STATS_BIN="$REPO_ROOT/target/release/endpoint-stats"
+log "building endpoint-stats (profile ci)"
+cargo build --profile ci --locked --bins
+export ENDPOINT_STATS_BIN="$REPO_ROOT/target/ci/endpoint-stats"
 
 filter="${1:-}"
 passed=0 failed=0 failed_names=()

@@ -189,25 +189,16 @@ fn method_label(method: &Method) -> &'static str {
     }
 }
 
-/// Copies the matched route template onto the response, where [`track_http`] (which runs outside
-/// the router and so never sees the request's `MatchedPath`) reads it.
-pub async fn tag_matched_route(request: Request, next: Next) -> Response {
-    let route = request.extensions().get::<MatchedPath>().cloned();
-    let mut response = next.run(request).await;
-    if let Some(route) = route {
-        response.extensions_mut().insert(route);
-    }
-    response
-}
-
-/// Records the request metrics of every request, matched or not.
+/// Records the request metrics. Installed as a route layer, where the request carries its route
+/// template, and on the 404/405 fallbacks, where it has none and the label is `unmatched`.
 pub async fn track_http(State(metrics): State<Metrics>, request: Request, next: Next) -> Response {
     let started = Instant::now();
     let method = method_label(request.method());
+    let route = request.extensions().get::<MatchedPath>().cloned();
     let in_flight = InFlight::enter(&metrics.http_in_flight);
     let response = next.run(request).await;
     drop(in_flight);
-    let route = response.extensions().get::<MatchedPath>().map_or(UNMATCHED_ROUTE, MatchedPath::as_str);
+    let route = route.as_ref().map_or(UNMATCHED_ROUTE, MatchedPath::as_str);
     let status = response.status();
     let labels = [method, route, status.as_str()];
     metrics.http_requests.with_label_values(&labels).inc();

@@ -10,6 +10,7 @@ mod probes;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
+use axum::handler::Handler;
 use axum::routing::get;
 use axum::Router;
 use tower_http::catch_panic::CatchPanicLayer;
@@ -19,7 +20,7 @@ pub use openapi::ApiDoc;
 
 use crate::store::batcher::AccessCounter;
 use crate::store::Database;
-use crate::telemetry::{tag_matched_route, track_http, Metrics};
+use crate::telemetry::{track_http, Metrics};
 use crate::windows::Windows;
 
 /// Shared by every request through one `Arc`, so a request costs one reference count, not one per
@@ -36,7 +37,7 @@ pub struct AppState {
 }
 
 pub fn router(state: AppState) -> Router {
-    let metrics = state.metrics.clone();
+    let track = || axum::middleware::from_fn_with_state(state.metrics.clone(), track_http);
     Router::new()
         .route("/", get(counting::root))
         .route("/stats", get(counting::stats))
@@ -45,12 +46,11 @@ pub fn router(state: AppState) -> Router {
         .route("/ready", get(probes::ready))
         .route("/metrics", get(metrics::render))
         .route("/openapi.json", get(openapi::document))
-        // Runs only for requests that matched a route (including 405s on a known path), where the
-        // route template is known; the outer layer labels everything else `unmatched`.
-        .route_layer(axum::middleware::from_fn(tag_matched_route))
-        .method_not_allowed_fallback(errors::method_not_allowed)
-        .fallback(errors::not_found)
-        .layer(axum::middleware::from_fn_with_state(metrics, track_http))
+        // On matched routes the middleware sees the route template; the fallbacks carry the same
+        // middleware and record the constant `unmatched`, so no request path becomes a label.
+        .route_layer(track())
+        .method_not_allowed_fallback(errors::method_not_allowed.layer(track()))
+        .fallback(errors::not_found.layer(track()))
         .layer(CatchPanicLayer::custom(errors::panic_response))
         .with_state(Arc::new(state))
 }

@@ -15,6 +15,7 @@ use crate::config::DatabaseSettings;
 
 /// Keeps a hung query from holding the batcher; well above a healthy commit (< 10 ms).
 const STATEMENT_TIMEOUT: &str = "5s";
+const POOL_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(1);
 
 pub(super) async fn connect(settings: &DatabaseSettings, connect_timeout: Duration) -> Result<PgPool, sqlx::Error> {
     let options = PgConnectOptions::from_str(settings.url.expose())?
@@ -28,7 +29,9 @@ pub(super) async fn connect(settings: &DatabaseSettings, connect_timeout: Durati
     probe.close().await?;
     PgPoolOptions::new()
         .max_connections(settings.pool_size)
-        .acquire_timeout(connect_timeout)
+        // Short, so that a counted request answers 503 about a second into an outage instead of
+        // holding the client; the batcher needs at most a few connections of the pool.
+        .acquire_timeout(POOL_ACQUIRE_TIMEOUT)
         // A ping before every acquire would double the round trips of the hot path; a dead
         // connection instead fails one batch (answered 503, nothing counted) and is replaced.
         .test_before_acquire(false)

@@ -2,4 +2,4 @@
 # Unit and integration tests of the service (real PostgreSQL and Redis, SQLite in temp dirs).
 set -euo pipefail
 cd "$REPO_ROOT"
-cargo test --release --locked --all-targets
+cargo test --profile ci --locked --all-targets
