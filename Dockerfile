@@ -19,6 +19,9 @@ WORKDIR /src
 # from migrations/)
 ENV SQLX_OFFLINE=true \
     CARGO_TERM_COLOR=never
+# The git revision for endpoint_stats_build_info{revision}: docker build --build-arg REVISION=$(git rev-parse --short HEAD)
+ARG REVISION=unknown
+ENV ENDPOINT_STATS_REVISION=${REVISION}
 COPY . .
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \

@@ -20,6 +20,9 @@ use crate::store::Database;
 use crate::telemetry::Metrics;
 use crate::windows::Windows;
 
+/// Time the batcher gets, after the last request, to commit and answer what is queued.
+const BATCHER_DRAIN_LIMIT: Duration = Duration::from_secs(5);
+
 pub struct Application {
     listener: TcpListener,
     local_addr: SocketAddr,
@@ -102,8 +105,9 @@ impl Application {
     /// requests finish (their accesses commit), flushes the window counters and closes the pool,
     /// all within the grace period.
     pub async fn run_until(self, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
-        let Self { listener, router, database, windows, batcher, window_flusher, shutting_down, shutdown_grace, .. } =
-            self;
+        let Self {
+            listener, router, database, windows, batcher, window_flusher, shutting_down, shutdown_grace, ..
+        } = self;
         let (signalled_tx, signalled_rx) = tokio::sync::watch::channel(false);
         let flag = shutting_down.clone();
         let graceful = async move {
@@ -113,7 +117,8 @@ impl Application {
             let _ = signalled_tx.send(true);
         };
         let server = axum::serve(listener, router).with_graceful_shutdown(graceful);
-        let mut server = std::pin::pin!(std::future::IntoFuture::into_future(server));
+        // Boxed (not pinned on the stack) so that it can be dropped below, and the router with it.
+        let mut server = Box::pin(std::future::IntoFuture::into_future(server));
 
         let mut signalled = signalled_rx.clone();
         let drained = tokio::select! {
@@ -126,14 +131,15 @@ impl Application {
         // Dropping the server dropped the router and with it every handle to the batcher: it
         // commits what is queued, answers it and ends.
         drop(server);
-        if tokio::time::timeout(Duration::from_secs(5), batcher).await.is_err() {
-            tracing::warn!("batcher did not finish in time");
-        }
+        let batcher_finished = tokio::time::timeout(BATCHER_DRAIN_LIMIT, batcher).await.is_ok();
         if let Some(flusher) = window_flusher {
             flusher.abort();
         }
         windows.flush().await;
         database.close().await;
+        if !batcher_finished {
+            anyhow::bail!("shutdown: queued accesses were not committed within {BATCHER_DRAIN_LIMIT:?}");
+        }
         tracing::info!("shutdown complete");
         Ok(())
     }
