@@ -13,8 +13,7 @@ use axum::http::Method;
 use axum::middleware::Next;
 use axum::response::Response;
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 use tracing_subscriber::{fmt, EnvFilter};
 
@@ -105,8 +104,10 @@ impl Metrics {
             Opts::new("endpoint_stats_redis_operations_total", "Redis operations attempted"),
             &["operation"],
         )?;
-        let redis_errors =
-            IntCounterVec::new(Opts::new("endpoint_stats_redis_errors_total", "Redis operations that failed"), &["operation"])?;
+        let redis_errors = IntCounterVec::new(
+            Opts::new("endpoint_stats_redis_errors_total", "Redis operations that failed"),
+            &["operation"],
+        )?;
         let redis_available =
             IntGauge::new("endpoint_stats_redis_available", "1 when the last Redis operation succeeded")?;
 

@@ -243,10 +243,11 @@ impl RedisWindows {
             .set_connection_timeout(REDIS_TIMEOUT)
             .set_response_timeout(REDIS_TIMEOUT)
             .set_number_of_retries(1);
-        let connection = tokio::time::timeout(REDIS_TIMEOUT * 2, ConnectionManager::new_with_config(self.client.clone(), config))
-            .await
-            .map_err(|_| "Redis connection timed out".to_owned())?
-            .map_err(|e| format!("Redis unreachable: {e}"))?;
+        let connection =
+            tokio::time::timeout(REDIS_TIMEOUT * 2, ConnectionManager::new_with_config(self.client.clone(), config))
+                .await
+                .map_err(|_| "Redis connection timed out".to_owned())?
+                .map_err(|e| format!("Redis unreachable: {e}"))?;
         *slot = Some(connection.clone());
         Ok(connection)
     }

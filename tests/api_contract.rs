@@ -89,7 +89,10 @@ async fn assert_contract(app: &TestApp) {
         .filter(|l| l.starts_with(r#"http_request_duration_seconds_bucket{method="GET",route="/",status="200""#))
         .filter_map(|l| l.split("le=\"").nth(1)?.split('"').next())
         .collect();
-    assert_eq!(buckets, ["0.005", "0.01", "0.025", "0.05", "0.075", "0.1", "0.25", "0.5", "0.75", "1", "2.5", "5", "7.5", "10", "+Inf"]);
+    assert_eq!(
+        buckets,
+        ["0.005", "0.01", "0.025", "0.05", "0.075", "0.1", "0.25", "0.5", "0.75", "1", "2.5", "5", "7.5", "10", "+Inf"]
+    );
 }
 
 #[tokio::test]

@@ -144,16 +144,11 @@ impl Database {
     /// Ready means: the database answers and every migration in this binary is applied.
     pub async fn check_ready(&self) -> Result<(), StoreError> {
         let (applied, expected): (i64, usize) = match self {
-            Self::Postgres(pool) => (
-                applied_migrations(pool).await?,
-                POSTGRES_MIGRATIONS.iter().count(),
-            ),
+            Self::Postgres(pool) => (applied_migrations(pool).await?, POSTGRES_MIGRATIONS.iter().count()),
             Self::Sqlite(pool) => (applied_migrations(pool).await?, SQLITE_MIGRATIONS.iter().count()),
         };
         if usize::try_from(applied).unwrap_or(0) < expected {
-            return Err(StoreError::Unavailable(format!(
-                "migrations pending: {applied} of {expected} applied"
-            )));
+            return Err(StoreError::Unavailable(format!("migrations pending: {applied} of {expected} applied")));
         }
         Ok(())
     }

@@ -70,12 +70,7 @@ pub(super) async fn commit_batch(
             amounts.push(n);
         }
     }
-    let rows = sqlx::query(COMMIT_BATCH)
-        .bind(&paths)
-        .bind(&amounts)
-        .bind(with_snapshot)
-        .fetch_all(pool)
-        .await?;
+    let rows = sqlx::query(COMMIT_BATCH).bind(&paths).bind(&amounts).bind(with_snapshot).fetch_all(pool).await?;
 
     let mut counts_after = [0; COUNTED_ENDPOINTS];
     let mut snapshot = with_snapshot.then(|| Vec::with_capacity(rows.len()));

@@ -47,8 +47,10 @@ impl TestDatabase {
     /// Rows of `endpoint_access`, straight from the database.
     pub async fn stored_counts(&self) -> std::collections::BTreeMap<String, i64> {
         let pool = sqlx::PgPool::connect(&self.url).await.expect("connect to test database");
-        let rows: Vec<(String, i64)> =
-            sqlx::query_as("SELECT endpoint, access_count FROM endpoint_access").fetch_all(&pool).await.expect("select");
+        let rows: Vec<(String, i64)> = sqlx::query_as("SELECT endpoint, access_count FROM endpoint_access")
+            .fetch_all(&pool)
+            .await
+            .expect("select");
         pool.close().await;
         rows.into_iter().collect()
     }
