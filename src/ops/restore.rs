@@ -1,10 +1,131 @@
-//! Placeholder: implemented under the operations issue.
+//! `restore`: disaster recovery into the database of `DATABASE_URL`.
+//!
+//! Refused without `--yes` (nothing is touched, not even a connection). Then: checksum and
+//! manifest, `pg_restore --clean --if-exists --no-owner --single-transaction --exit-on-error` (all
+//! or nothing: a failed restore leaves the database as it was), ANALYZE, and row counts compared
+//! with the manifest.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::Context;
+use sqlx::Connection;
+
+use super::dumps::{check_dump, newest_dump, DumpFile};
+use super::pg::{compare, find_tool, inventory, quote_table, run_tool, user_tables, PgTarget};
+use super::seconds;
+use crate::config::DatabaseArgs;
+use crate::store::describe_sqlx_error;
+use crate::telemetry;
 
 #[derive(Debug, clap::Args)]
-pub struct RestoreArgs {}
+#[command(group(clap::ArgGroup::new("source").required(true).args(["from", "latest"])))]
+pub struct RestoreArgs {
+    /// The database to restore into (its tables are replaced by those of the dump).
+    #[command(flatten)]
+    pub database: DatabaseArgs,
 
-pub async fn run(_args: RestoreArgs) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("not implemented yet")
+    /// The dump to restore (its .sha256 and .manifest.json must sit beside it).
+    #[arg(long, value_name = "FILE")]
+    pub from: Option<PathBuf>,
+
+    /// Restore the newest dump of --dir.
+    #[arg(long, requires = "dir")]
+    pub latest: bool,
+
+    /// Directory of the dumps, with --latest.
+    #[arg(long, env = "BACKUP_DIR")]
+    pub dir: Option<PathBuf>,
+
+    /// Really replace the data of DATABASE_URL.
+    #[arg(long)]
+    pub yes: bool,
+
+    /// Directory holding pg_restore (default: found on PATH).
+    #[arg(long, env = "PG_BIN_DIR")]
+    pub pg_bin_dir: Option<PathBuf>,
+}
+
+pub async fn run(args: RestoreArgs) -> anyhow::Result<ExitCode> {
+    telemetry::init_logging(args.database.log_format, &args.database.log_level)?;
+    let (dump, rerun) = match (&args.from, &args.dir) {
+        (Some(file), _) => {
+            if !file.is_file() {
+                anyhow::bail!("--from {}: no such file", file.display());
+            }
+            (DumpFile::from_path(file)?, format!("endpoint-stats restore --from {} --yes", file.display()))
+        }
+        (None, Some(dir)) => {
+            (newest_dump(dir)?, format!("endpoint-stats restore --latest --dir {} --yes", dir.display()))
+        }
+        (None, None) => anyhow::bail!("give --from FILE or --latest --dir DIR"),
+    };
+    let target = PgTarget::from_args(&args.database)?;
+    if !args.yes {
+        anyhow::bail!(
+            "refusing to restore {} into {target} without --yes: it replaces the data there (nothing was changed); \
+             scale the service to 0, then run: {rerun}",
+            dump.path.display()
+        );
+    }
+
+    let started = Instant::now();
+    let manifest = check_dump(&dump).await.with_context(|| format!("restore: {} not restored", dump.name))?;
+    let pg_restore = find_tool("pg_restore", args.pg_bin_dir.as_deref())?;
+
+    let mut connection = target.connect().await.context("DATABASE_URL")?;
+    let (others,): (i64,) = sqlx::query_as(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid() \
+         AND application_name = 'endpoint-stats'",
+    )
+    .fetch_one(&mut connection)
+    .await
+    .map_err(|e| anyhow::anyhow!("DATABASE_URL: {}", describe_sqlx_error(&e)))?;
+    if others > 0 {
+        eprintln!(
+            "endpoint-stats: warning: {others} connection(s) of the service are open to {target}: accesses counted during \
+             the restore will be lost and the check against the manifest may fail; scale the Deployment to 0 first"
+        );
+    }
+    let _ = connection.close().await;
+
+    tracing::info!(dump = %dump.path.display(), target = %target, "restore started");
+    let mut command = target.tool_command(&pg_restore);
+    command.args(["--clean", "--if-exists", "--no-owner", "--single-transaction", "--exit-on-error"]).arg(&dump.path);
+    run_tool(command, "pg_restore")
+        .await
+        .with_context(|| format!("restore of {} into {target} failed; the database is unchanged", dump.name))?;
+    let restored_in = started.elapsed();
+
+    let mut connection = target.connect().await.context("DATABASE_URL (after the restore)")?;
+    // pg_restore does not restore planner statistics.
+    for (schema, table) in user_tables(&mut connection).await? {
+        sqlx::raw_sql(&format!("ANALYZE {}", quote_table(&schema, &table)))
+            .execute(&mut connection)
+            .await
+            .map_err(|e| anyhow::anyhow!("ANALYZE {schema}.{table}: {}", describe_sqlx_error(&e)))?;
+    }
+    let restored = inventory(&mut connection).await;
+    let _ = connection.close().await;
+    let faults = compare(&manifest.tables, &manifest.migrations, &restored?, false);
+    if !faults.is_empty() {
+        anyhow::bail!(
+            "restore of {} into {target} completed but does not match the manifest: {}",
+            dump.name,
+            faults.join("; ")
+        );
+    }
+    println!(
+        "restore: {} restored into {target} in {} s (verified in {} s total): {} tables, {} rows match the manifest \
+         (taken {} from database {})",
+        dump.path.display(),
+        seconds(restored_in),
+        seconds(started.elapsed()),
+        manifest.tables.len(),
+        manifest.total_rows(),
+        manifest.created_at.format("%Y-%m-%dT%H:%M:%SZ"),
+        manifest.database
+    );
+    Ok(ExitCode::SUCCESS)
 }

@@ -1,0 +1,439 @@
+//! PostgreSQL for the operations commands: one connection at a time, the client tools
+//! (`pg_dump`, `pg_restore`) with the password in `PGPASSWORD` only, and the inventory of a
+//! database (tables, columns, indexes, row counts, migrations) that manifests record and
+//! restores are checked against.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::str::FromStr;
+use std::time::Duration;
+
+use anyhow::Context;
+use sqlx::postgres::PgConnectOptions;
+use sqlx::{Connection, PgConnection, Row};
+use url::Url;
+
+use super::dumps::TableInfo;
+use crate::config::{redact_url, DatabaseArgs, DatabaseUrl};
+use crate::store::describe_sqlx_error;
+
+/// Bound on establishing a connection (server down, packets dropped).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Query parameters that libpq understands; others (sqlx-only) are not handed to the tools.
+const LIBPQ_PARAMS: &[&str] = &[
+    "host",
+    "hostaddr",
+    "port",
+    "dbname",
+    "user",
+    "sslmode",
+    "sslrootcert",
+    "sslcert",
+    "sslkey",
+    "sslcrl",
+    "sslpassword",
+    "channel_binding",
+    "application_name",
+    "options",
+    "connect_timeout",
+    "target_session_attrs",
+    "gssencmode",
+    "keepalives",
+];
+
+/// A PostgreSQL database to work on. `Display` never shows the password.
+#[derive(Clone)]
+pub struct PgTarget {
+    url: Url,
+}
+
+impl PgTarget {
+    /// `variable` names where the URL came from, for error messages.
+    pub fn parse(raw: &str, variable: &str) -> anyhow::Result<Self> {
+        match DatabaseUrl::parse(raw) {
+            Ok(DatabaseUrl::Postgres(url)) => Ok(Self { url }),
+            Ok(DatabaseUrl::Sqlite(_)) => anyhow::bail!(
+                "{variable}: this command works on PostgreSQL only, and {variable} is a SQLite URL (set a postgres:// URL)"
+            ),
+            Err(error) => anyhow::bail!("{variable}: {}", error.problem),
+        }
+    }
+
+    pub fn from_args(args: &DatabaseArgs) -> anyhow::Result<Self> {
+        Self::parse(&args.database_url, "DATABASE_URL")
+    }
+
+    /// The same server, another database.
+    pub fn with_database(&self, name: &str) -> Self {
+        let mut url = self.url.clone();
+        url.set_path(&format!("/{name}"));
+        let params: Vec<(String, String)> =
+            url.query_pairs().filter(|(k, _)| k != "dbname").map(|(k, v)| (k.into_owned(), v.into_owned())).collect();
+        url.set_query(None);
+        if !params.is_empty() {
+            url.query_pairs_mut().extend_pairs(params);
+        }
+        Self { url }
+    }
+
+    /// The database name in the URL (the server's default, the user name, when there is none).
+    pub fn database_name(&self) -> String {
+        let path = self.url.path().trim_start_matches('/');
+        let from_query = self.url.query_pairs().find(|(k, _)| k == "dbname").map(|(_, v)| v.into_owned());
+        match (path.is_empty(), from_query) {
+            (false, _) => percent_decode(path),
+            (true, Some(name)) => name,
+            (true, None) => percent_decode(self.url.username()),
+        }
+    }
+
+    pub async fn connect(&self) -> anyhow::Result<PgConnection> {
+        let options = PgConnectOptions::from_str(self.url.as_str())
+            .map_err(|e| anyhow::anyhow!("invalid PostgreSQL URL {self}: {}", describe_sqlx_error(&e)))?
+            .application_name("endpoint-stats-ops");
+        match tokio::time::timeout(CONNECT_TIMEOUT, PgConnection::connect_with(&options)).await {
+            Ok(Ok(connection)) => Ok(connection),
+            Ok(Err(error)) => anyhow::bail!("cannot connect to {self}: {}", describe_sqlx_error(&error)),
+            Err(_) => anyhow::bail!("cannot connect to {self}: no answer within {CONNECT_TIMEOUT:?}"),
+        }
+    }
+
+    /// The connection string for libpq tools: the URL without the password (which goes into
+    /// `PGPASSWORD`) and without parameters libpq does not know.
+    fn libpq_url(&self) -> (String, Option<String>) {
+        let mut url = self.url.clone();
+        let mut password = url.password().map(percent_decode);
+        let _ = url.set_password(None);
+        let mut params = Vec::new();
+        for (key, value) in self.url.query_pairs() {
+            if key == "password" {
+                password = Some(value.into_owned());
+            } else if LIBPQ_PARAMS.contains(&key.as_ref()) {
+                params.push((key.into_owned(), value.into_owned()));
+            }
+        }
+        url.set_query(None);
+        if !params.is_empty() {
+            url.query_pairs_mut().extend_pairs(params);
+        }
+        (url.to_string(), password)
+    }
+
+    /// A client tool connected to this database: `--dbname` without the password, the password in
+    /// the environment, never prompting, giving up on an unreachable server.
+    pub fn tool_command(&self, program: &Path) -> tokio::process::Command {
+        let (url, password) = self.libpq_url();
+        let mut command = tokio::process::Command::new(program);
+        command.arg("--no-password").arg(format!("--dbname={url}"));
+        if let Some(password) = password {
+            command.env("PGPASSWORD", password);
+        }
+        if std::env::var_os("PGCONNECT_TIMEOUT").is_none() {
+            command.env("PGCONNECT_TIMEOUT", CONNECT_TIMEOUT.as_secs().to_string());
+        }
+        command.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped()).kill_on_drop(true);
+        command
+    }
+}
+
+impl std::fmt::Display for PgTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut shown = self.url.clone();
+        let had_query_password = shown.query_pairs().any(|(k, _)| k == "password");
+        if had_query_password {
+            let params: Vec<(String, String)> = shown
+                .query_pairs()
+                .map(|(k, v)| {
+                    if k == "password" {
+                        (k.into_owned(), "***".to_owned())
+                    } else {
+                        (k.into_owned(), v.into_owned())
+                    }
+                })
+                .collect();
+            shown.set_query(None);
+            shown.query_pairs_mut().extend_pairs(params);
+        }
+        f.write_str(&redact_url(&shown))
+    }
+}
+
+impl std::fmt::Debug for PgTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PgTarget({self})")
+    }
+}
+
+/// `%XX` decoding of a URL component (user names, passwords, database names).
+pub fn percent_decode(raw: &str) -> String {
+    let bytes = raw.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok().and_then(|h| u8::from_str_radix(h, 16).ok());
+            if let Some(byte) = hex {
+                out.push(byte);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Where a PostgreSQL client tool is: in `bin_dir` when given, else on `PATH`.
+pub fn find_tool(name: &str, bin_dir: Option<&Path>) -> anyhow::Result<PathBuf> {
+    if let Some(dir) = bin_dir {
+        let path = dir.join(name);
+        if is_executable(&path) {
+            return Ok(path);
+        }
+        anyhow::bail!("{name} not found in --pg-bin-dir {} (no executable {})", dir.display(), path.display());
+    }
+    let path_var = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path_var).map(|dir| dir.join(name)).find(|p| is_executable(p)).with_context(|| {
+        format!(
+            "{name} not found in PATH: install the PostgreSQL client tools of the server's major version \
+             (Debian: postgresql-client), or point --pg-bin-dir at them"
+        )
+    })
+}
+
+fn is_executable(path: &Path) -> bool {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    }
+    #[cfg(not(unix))]
+    {
+        path.is_file()
+    }
+}
+
+/// Runs a client tool to completion; on failure, the error carries its last lines of stderr.
+pub async fn run_tool(mut command: tokio::process::Command, name: &str) -> anyhow::Result<()> {
+    let child = command.spawn().map_err(|error| match error.kind() {
+        std::io::ErrorKind::NotFound => anyhow::anyhow!("{name} not found: {error}"),
+        _ => anyhow::anyhow!("cannot start {name}: {error}"),
+    })?;
+    let output = child.wait_with_output().await.with_context(|| format!("waiting for {name}"))?;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    if !output.status.success() {
+        let lines: Vec<&str> = stderr.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+        let tail = lines[lines.len().saturating_sub(3)..].join(" | ");
+        let status = output.status.code().map_or_else(|| "killed by a signal".to_owned(), |c| format!("exit {c}"));
+        anyhow::bail!("{name} failed ({status}): {}", if tail.is_empty() { "no message" } else { &tail });
+    }
+    for line in stderr.lines().filter(|l| !l.trim().is_empty()) {
+        tracing::warn!(tool = name, "{line}");
+    }
+    Ok(())
+}
+
+/// `pg_dump --version` and the like: the first line of stdout.
+pub async fn tool_version(program: &Path) -> anyhow::Result<String> {
+    let output = tokio::process::Command::new(program)
+        .arg("--version")
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .with_context(|| format!("cannot run {}", program.display()))?;
+    if !output.status.success() {
+        anyhow::bail!("{} --version failed", program.display());
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).lines().next().unwrap_or_default().trim().to_owned())
+}
+
+/// `"schema"."table"`, quoted for SQL.
+pub fn quote_table(schema: &str, table: &str) -> String {
+    format!("{}.{}", quote_ident(schema), quote_ident(table))
+}
+
+pub fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// What a database holds, as the manifest records it.
+#[derive(Debug, Clone, Default)]
+pub struct Inventory {
+    /// `schema.table` → rows, columns, indexes.
+    pub tables: BTreeMap<String, TableInfo>,
+    pub migrations: Vec<i64>,
+}
+
+/// Ordinary tables of the database outside the system schemas (and not owned by an extension),
+/// as `(schema, table)`.
+pub async fn user_tables(connection: &mut PgConnection) -> anyhow::Result<Vec<(String, String)>> {
+    let rows = sqlx::query(
+        "SELECT n.nspname AS schema, c.relname AS name FROM pg_class c \
+         JOIN pg_namespace n ON n.oid = c.relnamespace \
+         WHERE c.relkind = 'r' AND n.nspname <> 'information_schema' AND n.nspname NOT LIKE 'pg\\_%' \
+         AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass \
+                         AND d.objid = c.oid AND d.deptype = 'e') \
+         ORDER BY 1, 2",
+    )
+    .fetch_all(&mut *connection)
+    .await
+    .map_err(|e| anyhow::anyhow!("listing tables: {}", describe_sqlx_error(&e)))?;
+    rows.iter()
+        .map(|row| Ok((row.try_get("schema")?, row.try_get("name")?)))
+        .collect::<Result<_, sqlx::Error>>()
+        .map_err(|e| anyhow::anyhow!("listing tables: {e}"))
+}
+
+/// Tables, columns, indexes, exact row counts and applied migrations, all read on `connection`
+/// (in its snapshot, when it is inside a REPEATABLE READ transaction).
+pub async fn inventory(connection: &mut PgConnection) -> anyhow::Result<Inventory> {
+    let mut inventory = Inventory::default();
+    for (schema, table) in user_tables(connection).await? {
+        let qualified = format!("{schema}.{table}");
+        let quoted = quote_table(&schema, &table);
+        let fail = |e: sqlx::Error| anyhow::anyhow!("inspecting {qualified}: {}", describe_sqlx_error(&e));
+        let (rows,): (i64,) = sqlx::query_as(&format!("SELECT count(*) FROM {quoted}"))
+            .fetch_one(&mut *connection)
+            .await
+            .map_err(fail)?;
+        let columns: Vec<(String,)> = sqlx::query_as(
+            "SELECT attname || ' ' || format_type(atttypid, atttypmod) || CASE WHEN attnotnull THEN ' not null' ELSE '' END \
+             FROM pg_attribute WHERE attrelid = $1::regclass AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
+        )
+        .bind(&quoted)
+        .fetch_all(&mut *connection)
+        .await
+        .map_err(fail)?;
+        let indexes: Vec<(String,)> =
+            sqlx::query_as("SELECT pg_get_indexdef(indexrelid) FROM pg_index WHERE indrelid = $1::regclass ORDER BY 1")
+                .bind(&quoted)
+                .fetch_all(&mut *connection)
+                .await
+                .map_err(fail)?;
+        inventory.tables.insert(
+            qualified,
+            TableInfo {
+                rows,
+                columns: columns.into_iter().map(|(c,)| c).collect(),
+                indexes: indexes.into_iter().map(|(i,)| i).collect(),
+            },
+        );
+    }
+    let has_migrations: (bool,) = sqlx::query_as("SELECT to_regclass('_sqlx_migrations') IS NOT NULL")
+        .fetch_one(&mut *connection)
+        .await
+        .map_err(|e| anyhow::anyhow!("looking for _sqlx_migrations: {}", describe_sqlx_error(&e)))?;
+    if has_migrations.0 {
+        let versions: Vec<(i64,)> =
+            sqlx::query_as("SELECT version FROM _sqlx_migrations WHERE success ORDER BY version")
+                .fetch_all(&mut *connection)
+                .await
+                .map_err(|e| anyhow::anyhow!("reading _sqlx_migrations: {}", describe_sqlx_error(&e)))?;
+        inventory.migrations = versions.into_iter().map(|(v,)| v).collect();
+    }
+    Ok(inventory)
+}
+
+/// The tables every dump of this service must hold.
+pub const SERVICE_TABLES: &[&str] = &["public.endpoint_access", "public._sqlx_migrations"];
+
+/// Differences between what a manifest recorded and what a database holds, one line each.
+/// `strict`: tables the manifest does not know are faults too (a scratch restore must hold
+/// exactly the dump; a restore into a live database may hold more).
+pub fn compare(
+    expected_tables: &BTreeMap<String, TableInfo>,
+    expected_migrations: &[i64],
+    actual: &Inventory,
+    strict: bool,
+) -> Vec<String> {
+    let mut faults = Vec::new();
+    for required in SERVICE_TABLES {
+        if !expected_tables.contains_key(*required) {
+            faults.push(format!("expected table {required} is not in the manifest"));
+        }
+    }
+    for (name, expected) in expected_tables {
+        let Some(found) = actual.tables.get(name) else {
+            faults.push(format!("table {name} missing after restore"));
+            continue;
+        };
+        if found.rows != expected.rows {
+            faults.push(format!("row count mismatch in {name}: manifest {}, restored {}", expected.rows, found.rows));
+        }
+        if found.columns != expected.columns {
+            faults.push(format!(
+                "columns of {name} differ: manifest [{}], restored [{}]",
+                expected.columns.join(", "),
+                found.columns.join(", ")
+            ));
+        }
+        if found.indexes != expected.indexes {
+            faults.push(format!(
+                "indexes of {name} differ: manifest [{}], restored [{}]",
+                expected.indexes.join("; "),
+                found.indexes.join("; ")
+            ));
+        }
+    }
+    if strict {
+        for name in actual.tables.keys().filter(|n| !expected_tables.contains_key(*n)) {
+            faults.push(format!("unexpected table {name} (not in the manifest)"));
+        }
+    }
+    if actual.migrations != expected_migrations {
+        faults.push(format!(
+            "_sqlx_migrations versions differ: manifest {expected_migrations:?}, restored {:?}",
+            actual.migrations
+        ));
+    }
+    faults
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tool_url_hides_the_password_and_sqlx_only_parameters() {
+        let target = PgTarget::parse(
+            "postgres://app:p%40ss@db:5432/stats?sslmode=require&statement-cache-capacity=10",
+            "DATABASE_URL",
+        )
+        .expect("valid");
+        let (url, password) = target.libpq_url();
+        assert_eq!(url, "postgres://app@db:5432/stats?sslmode=require");
+        assert_eq!(password.as_deref(), Some("p@ss"));
+        assert!(!target.to_string().contains("p%40ss"));
+        assert_eq!(target.database_name(), "stats");
+        assert_eq!(target.with_database("other").database_name(), "other");
+    }
+
+    #[test]
+    fn password_in_the_query_is_moved_and_hidden() {
+        let target = PgTarget::parse("postgres://db/x?password=s3cret", "DATABASE_URL").expect("valid");
+        let (url, password) = target.libpq_url();
+        assert!(!url.contains("s3cret"), "{url}");
+        assert_eq!(password.as_deref(), Some("s3cret"));
+        assert!(!target.to_string().contains("s3cret"));
+    }
+
+    #[test]
+    fn sqlite_is_refused_with_the_variable_named() {
+        let error = PgTarget::parse("sqlite://x.db", "DATABASE_URL").expect_err("sqlite");
+        assert!(error.to_string().starts_with("DATABASE_URL: "), "{error}");
+    }
+
+    #[test]
+    fn percent_decoding() {
+        assert_eq!(percent_decode("a%20b%2"), "a b%2");
+        assert_eq!(percent_decode("%zz%41"), "%zzA");
+    }
+
+    #[test]
+    fn identifiers_are_quoted() {
+        assert_eq!(quote_table("public", "endpoint_access"), "\"public\".\"endpoint_access\"");
+        assert_eq!(quote_ident("we\"ird"), "\"we\"\"ird\"");
+    }
+}

@@ -1,0 +1,101 @@
+//! `restore`: refused without --yes (nothing touched), checksum first, all or nothing, verified.
+
+mod common;
+mod ops_support;
+
+use common::{settings, TestApp, TestDatabase};
+use ops_support::*;
+
+#[tokio::test]
+async fn restore_without_yes_refuses_names_the_command_and_touches_nothing() {
+    let db = TestDatabase::create().await;
+    let app = TestApp::spawn(settings(db.settings(), None)).await;
+    seed_via_api(&app, 3, 1, 0).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    backup(&db.url, dir.path()).await.assert_success("backup");
+    // Counting goes on after the backup: a restore would roll these back.
+    seed_via_api(&app, 4, 0, 0).await;
+    app.shutdown().await;
+    let before = db.stored_counts().await;
+    assert_eq!(before.get("/"), Some(&7));
+    let dump = single_dump(dir.path());
+
+    let dir_arg = path_str(dir.path());
+    let dump_arg = path_str(&dump);
+    for (args, expected) in [
+        (
+            vec!["restore", "--latest", "--dir", dir_arg],
+            format!("endpoint-stats restore --latest --dir {dir_arg} --yes"),
+        ),
+        (vec!["restore", "--from", dump_arg], format!("endpoint-stats restore --from {dump_arg} --yes")),
+    ] {
+        let output = run_bin(&args, &[("DATABASE_URL", &db.url)]).await;
+        output.assert_failure("restore without --yes");
+        let error = output.error_line();
+        assert!(error.contains("refusing to restore") && error.contains("without --yes"), "{}", output.stderr);
+        assert!(error.contains(&expected), "the command to run is given: {error}");
+        assert_eq!(output.stderr.lines().count(), 1, "{}", output.stderr);
+        assert_eq!(db.stored_counts().await, before, "counts unchanged");
+    }
+    assert_eq!(files_in(dir.path()).len(), 3, "the backup directory is untouched too");
+}
+
+#[tokio::test]
+async fn restore_with_yes_replaces_newer_data_with_the_dump() {
+    let db = TestDatabase::create().await;
+    let app = TestApp::spawn(settings(db.settings(), None)).await;
+    seed_via_api(&app, 3, 2, 0).await;
+    app.shutdown().await;
+    let at_backup = db.stored_counts().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    backup(&db.url, dir.path()).await.assert_success("backup");
+
+    // After the backup: more accesses and a new endpoint row.
+    let app = TestApp::spawn(settings(db.settings(), None)).await;
+    seed_via_api(&app, 5, 0, 2).await;
+    app.shutdown().await;
+    assert_ne!(db.stored_counts().await, at_backup);
+
+    let dump = single_dump(dir.path());
+    let output = run_bin(&["restore", "--from", path_str(&dump), "--yes"], &[("DATABASE_URL", &db.url)]).await;
+    output.assert_success("restore --from --yes");
+    assert_eq!(db.stored_counts().await, at_backup, "the database holds exactly the dump again");
+    assert!(output.stdout.contains("match the manifest"), "{}", output.stdout);
+}
+
+#[tokio::test]
+async fn a_damaged_dump_is_not_restored() {
+    let db = TestDatabase::create().await;
+    let app = TestApp::spawn(settings(db.settings(), None)).await;
+    seed_via_api(&app, 2, 0, 0).await;
+    app.shutdown().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    backup(&db.url, dir.path()).await.assert_success("backup");
+    let app = TestApp::spawn(settings(db.settings(), None)).await;
+    seed_via_api(&app, 1, 0, 0).await;
+    app.shutdown().await;
+    let before = db.stored_counts().await;
+
+    // Checksum mismatch: refused before anything is touched.
+    let dump = single_dump(dir.path());
+    let original = std::fs::read(&dump).expect("read");
+    let mut damaged = original.clone();
+    let middle = damaged.len() / 2;
+    damaged[middle] ^= 0x55;
+    std::fs::write(&dump, &damaged).expect("write");
+    let output =
+        run_bin(&["restore", "--latest", "--dir", path_str(dir.path()), "--yes"], &[("DATABASE_URL", &db.url)]).await;
+    output.assert_failure("restore of a corrupted dump");
+    assert!(output.error_line().contains("checksum mismatch"), "{}", output.stderr);
+    assert_eq!(db.stored_counts().await, before);
+
+    // A truncated dump with a matching checksum: pg_restore fails inside its single transaction,
+    // so the database is as it was (not half-cleaned).
+    std::fs::write(&dump, &original[..original.len() * 2 / 3]).expect("truncate");
+    recompute_checksum_and_manifest(&dump);
+    let output =
+        run_bin(&["restore", "--latest", "--dir", path_str(dir.path()), "--yes"], &[("DATABASE_URL", &db.url)]).await;
+    output.assert_failure("restore of a truncated dump");
+    assert!(output.error_line().contains("the database is unchanged"), "{}", output.stderr);
+    assert_eq!(db.stored_counts().await, before, "single transaction: nothing half-restored");
+}

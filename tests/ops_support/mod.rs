@@ -1,0 +1,208 @@
+//! Helpers of the operations tests (tests/ops_*.rs): run the real binary, inspect backup
+//! directories, fabricate dumps with given name-times, manage helper processes.
+//! Every test file declares `mod common; mod ops_support;`.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+
+use crate::common::{admin_sql, TestApp};
+
+/// What a run of the binary produced.
+#[derive(Debug)]
+pub struct Output {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Output {
+    pub fn assert_success(&self, what: &str) {
+        assert_eq!(self.code, 0, "{what} failed:\nstdout: {}\nstderr: {}", self.stdout, self.stderr);
+    }
+
+    pub fn assert_failure(&self, what: &str) {
+        assert_ne!(self.code, 0, "{what} should have failed:\nstdout: {}\nstderr: {}", self.stdout, self.stderr);
+    }
+
+    /// The one-line error that main prints for an Err.
+    pub fn error_line(&self) -> String {
+        self.stderr.lines().find(|l| l.starts_with("endpoint-stats: error: ")).unwrap_or_default().to_owned()
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.stdout).unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {}", self.stdout))
+    }
+}
+
+/// Runs `endpoint-stats ARGS` with a clean environment: PATH (unless given in `env`), text logs
+/// at warn level, and `env`.
+pub async fn run_bin(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_endpoint-stats"));
+    command.env_clear().env("LOG_FORMAT", "text").env("RUST_LOG", "warn");
+    if !env.iter().any(|(k, _)| *k == "PATH") {
+        command.env("PATH", std::env::var("PATH").unwrap_or_default());
+    }
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    command.args(args).stdin(Stdio::null()).kill_on_drop(true);
+    let output = tokio::time::timeout(Duration::from_secs(300), command.output())
+        .await
+        .unwrap_or_else(|_| panic!("endpoint-stats {args:?} did not finish within 300 s"))
+        .expect("run endpoint-stats");
+    Output {
+        code: output.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    }
+}
+
+/// `backup --dir DIR` of the database at `url`.
+pub async fn backup(url: &str, dir: &Path) -> Output {
+    run_bin(&["backup", "--dir", path_str(dir)], &[("DATABASE_URL", url)]).await
+}
+
+pub fn path_str(path: &Path) -> &str {
+    path.to_str().expect("UTF-8 temp path")
+}
+
+/// File names in `dir`, sorted (empty when the directory does not exist).
+pub fn files_in(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .map(|entries| entries.flatten().filter_map(|e| e.file_name().to_str().map(str::to_owned)).collect())
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
+/// Names that look like a backup or a piece of one: a dump, its companions or a temp file.
+pub fn backup_like(dir: &Path) -> Vec<String> {
+    files_in(dir).into_iter().filter(|n| n.contains("endpoint-stats-") || n.ends_with(".partial")).collect()
+}
+
+/// The dumps (not companions) in `dir`.
+pub fn dumps_in(dir: &Path) -> Vec<String> {
+    files_in(dir).into_iter().filter(|n| n.starts_with("endpoint-stats-") && n.ends_with(".dump")).collect()
+}
+
+pub fn dump_name(time: DateTime<Utc>) -> String {
+    format!("endpoint-stats-{}.dump", time.format("%Y%m%dT%H%M%SZ"))
+}
+
+/// A fabricated dump named for `time`; `good` adds its checksum and manifest files.
+pub fn fake_dump(dir: &Path, time: DateTime<Utc>, good: bool) -> String {
+    let name = dump_name(time);
+    std::fs::write(dir.join(&name), b"not a real dump").expect("write fake dump");
+    if good {
+        std::fs::write(dir.join(format!("{name}.sha256")), format!("{}  {name}\n", "0".repeat(64))).expect("write");
+        std::fs::write(dir.join(format!("{name}.manifest.json")), b"{}").expect("write");
+    }
+    name
+}
+
+/// Counts some accesses through the HTTP API: `root` × `/`, `stats` × `/stats`,
+/// `endpoints` × `/api/v1/endpoints`.
+pub async fn seed_via_api(app: &TestApp, root: usize, stats: usize, endpoints: usize) {
+    for (path, n) in [("/", root), ("/stats", stats), ("/api/v1/endpoints", endpoints)] {
+        for _ in 0..n {
+            let response = app.get(path).await;
+            assert_eq!(response.status().as_u16(), 200, "GET {path}");
+        }
+    }
+}
+
+/// Adds `rows` synthetic rows straight into endpoint_access (for sizes and timings).
+pub async fn insert_synthetic_rows(url: &str, rows: u64) {
+    let pool = sqlx::PgPool::connect(url).await.expect("connect");
+    sqlx::query(
+        "INSERT INTO endpoint_access (endpoint, access_count, first_accessed, last_accessed) \
+         SELECT '/synthetic/' || g, g, now(), now() FROM generate_series(1, $1) g",
+    )
+    .bind(i64::try_from(rows).expect("rows"))
+    .execute(&pool)
+    .await
+    .expect("insert synthetic rows");
+    pool.close().await;
+}
+
+pub async fn database_exists(name: &str) -> bool {
+    let pool = sqlx::PgPool::connect(&crate::common::postgres_admin_url()).await.expect("connect admin");
+    let (exists,): (bool,) = sqlx::query_as("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+        .bind(name)
+        .fetch_one(&pool)
+        .await
+        .expect("pg_database");
+    pool.close().await;
+    exists
+}
+
+/// The scratch database named in a verify-backup output (`endpoint_stats_verify_<16 hex>`).
+pub fn scratch_name(output: &Output) -> Option<String> {
+    let text = format!("{}{}", output.stdout, output.stderr);
+    let start = text.find("endpoint_stats_verify_")?;
+    let name: String = text[start..].chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect();
+    Some(name)
+}
+
+/// A fresh empty database on the test server (dropped on drop, like TestDatabase).
+pub async fn empty_database() -> crate::common::TestDatabase {
+    crate::common::TestDatabase::create().await
+}
+
+/// Rewrites a dump's checksum file and the manifest's sha256/bytes to match the dump as it now is
+/// (as if the dump had been damaged before it was checksummed).
+pub fn recompute_checksum_and_manifest(dump: &Path) {
+    use sha2::Digest;
+    let bytes = std::fs::read(dump).expect("read dump");
+    let hex = hex::encode(sha2::Sha256::digest(&bytes));
+    let name = dump.file_name().and_then(|n| n.to_str()).expect("dump name").to_owned();
+    std::fs::write(dump.with_file_name(format!("{name}.sha256")), format!("{hex}  {name}\n")).expect("write sha256");
+    let manifest_path = dump.with_file_name(format!("{name}.manifest.json"));
+    let mut manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&manifest_path).expect("read manifest")).expect("manifest JSON");
+    manifest["sha256"] = serde_json::Value::from(hex);
+    manifest["bytes"] = serde_json::Value::from(bytes.len() as u64);
+    std::fs::write(&manifest_path, serde_json::to_string_pretty(&manifest).expect("JSON")).expect("write manifest");
+}
+
+/// The only dump in `dir`, as a path.
+pub fn single_dump(dir: &Path) -> PathBuf {
+    let dumps = dumps_in(dir);
+    assert_eq!(dumps.len(), 1, "expected one dump in {}: {dumps:?}", dir.display());
+    dir.join(&dumps[0])
+}
+
+/// A helper process (Prometheus, Alertmanager) killed on drop.
+pub struct ChildProcess {
+    child: Option<std::process::Child>,
+    pub port: u16,
+}
+
+impl ChildProcess {
+    pub fn spawn(mut command: std::process::Command, port: u16) -> Self {
+        let child = command.stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("spawn helper process");
+        Self { child: Some(child), port }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for ChildProcess {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Terminates backends of `database` and drops it (for a database a test made by hand).
+pub async fn drop_database(name: &str) {
+    admin_sql(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)")).await;
+}
