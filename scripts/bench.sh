@@ -54,8 +54,11 @@ run_wrk() {
 import re, sys
 text = open(sys.argv[1]).read()
 def ms(v):
-    n, unit = float(re.match(r"([\d.]+)", v).group(1)), re.search(r"(us|ms|s)$", v).group(1)
-    return n / 1000 if unit == "us" else n * 1000 if unit == "s" else n
+    m = re.fullmatch(r"([\d.]+)(us|ms|s|m)", v)
+    if not m:
+        sys.exit(f"cannot read wrk latency {v!r} in:\n{text}")
+    n, unit = float(m.group(1)), m.group(2)
+    return {"us": n / 1000, "ms": n, "s": n * 1000, "m": n * 60000}[unit]
 rps = float(re.search(r"Requests/sec:\s+([\d.]+)", text).group(1))
 p99 = ms(re.search(r"99%\s+(\S+)", text).group(1))
 avg = ms(re.search(r"Latency\s+(\S+)", text).group(1))

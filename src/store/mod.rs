@@ -191,11 +191,13 @@ impl Database {
         }
     }
 
-    /// Group commits the batcher may have in flight at once. PostgreSQL orders concurrent commits
-    /// by the row lock; SQLite has one writer, so a second commit would only wait for the lock.
+    /// Group commits the batcher may have in flight at once. One on both backends: on the 2-core
+    /// benchmark machine a second commit in flight only waited for the row lock of the first and
+    /// cost PostgreSQL CPU (GET / fell from 0.39 to 0.32 of the hello-world baseline with 2, and
+    /// to 0.27 with 3; docs/operations/tuning.md). Kept as a knob for machines with more cores.
     pub fn commit_pipeline_depth(&self) -> usize {
         match self {
-            Self::Postgres(_) => 2,
+            Self::Postgres(_) => 1,
             Self::Sqlite(_) => 1,
         }
     }
