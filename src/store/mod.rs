@@ -143,10 +143,17 @@ impl Database {
 
     /// Ready means: the database answers and every migration in this binary is applied.
     pub async fn check_ready(&self) -> Result<(), StoreError> {
-        let (applied, expected): (i64, usize) = match self {
-            Self::Postgres(pool) => (applied_migrations(pool).await?, POSTGRES_MIGRATIONS.iter().count()),
-            Self::Sqlite(pool) => (applied_migrations(pool).await?, SQLITE_MIGRATIONS.iter().count()),
+        let (applied, expected) = match self {
+            Self::Postgres(pool) => (
+                sqlx::query_scalar::<_, i64>(APPLIED_MIGRATIONS).fetch_one(pool).await,
+                POSTGRES_MIGRATIONS.iter().count(),
+            ),
+            Self::Sqlite(pool) => (
+                sqlx::query_scalar::<_, i64>(APPLIED_MIGRATIONS).fetch_one(pool).await,
+                SQLITE_MIGRATIONS.iter().count(),
+            ),
         };
+        let applied = applied.map_err(migrations_table_error)?;
         if usize::try_from(applied).unwrap_or(0) < expected {
             return Err(StoreError::Unavailable(format!("migrations pending: {applied} of {expected} applied")));
         }
@@ -210,23 +217,15 @@ impl Database {
     }
 }
 
-async fn applied_migrations<'e, E>(executor: E) -> Result<i64, StoreError>
-where
-    E: sqlx::Executor<'e>,
-    i64: sqlx::Type<E::Database> + for<'r> sqlx::Decode<'r, E::Database>,
-    for<'q> <E::Database as sqlx::Database>::Arguments<'q>: sqlx::IntoArguments<'q, E::Database>,
-    (i64,): for<'r> sqlx::FromRow<'r, <E::Database as sqlx::Database>::Row>,
-{
-    let (count,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM _sqlx_migrations WHERE success")
-        .fetch_one(executor)
-        .await
-        .map_err(|e| match e {
-            sqlx::Error::Database(ref db) if db.message().contains("_sqlx_migrations") => {
-                StoreError::Unavailable("migrations not applied".to_owned())
-            }
-            other => StoreError::from(other),
-        })?;
-    Ok(count)
+const APPLIED_MIGRATIONS: &str = "SELECT COUNT(*) FROM _sqlx_migrations WHERE success";
+
+fn migrations_table_error(error: sqlx::Error) -> StoreError {
+    match error {
+        sqlx::Error::Database(ref db) if db.message().contains("_sqlx_migrations") => {
+            StoreError::Unavailable("migrations not applied".to_owned())
+        }
+        other => StoreError::from(other),
+    }
 }
 
 #[cfg(test)]
