@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# The local stack refuses to start on a port that is already in use, names that port, and starts
+# nothing (no process, no state left running).
+set -euo pipefail
+
+REPO_ROOT="${REPO_ROOT:-$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)}"
+work="$(mktemp -d "${TMPDIR:-/tmp}/stack-ports.XXXXXX")"
+holder=""
+cleanup() {
+  [[ -n "$holder" ]] && kill "$holder" 2>/dev/null
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+# Hold a port that the stack will want (its base port: the load balancer), from 20000–32000.
+port_file="$work/port"
+python3 - "$port_file" <<'PY' &
+import random, socket, sys, time
+for _ in range(200):
+    port = random.randrange(20000, 32000, 20)
+    s = socket.socket()
+    try:
+        s.bind(("127.0.0.1", port))
+    except OSError:
+        s.close()
+        continue
+    s.listen()
+    open(sys.argv[1], "w").write(str(port))
+    time.sleep(120)
+    break
+PY
+holder=$!
+for _ in $(seq 1 50); do [[ -s "$port_file" ]] && break; sleep 0.1; done
+port="$(cat "$port_file")"
+
+set +e
+output="$(ENDPOINT_STATS_BIN="${ENDPOINT_STATS_BIN:-$REPO_ROOT/target/release/endpoint-stats}" \
+  bash "$REPO_ROOT/scripts/local-stack.sh" up --dir "$work/stack" --base-port "$port" 2>&1)"
+status=$?
+set -e
+
+failures=0
+pass() { echo "PASS: $1"; }
+fail() { echo "FAIL: $1"; failures=$((failures + 1)); }
+if ((status != 0)); then pass "up exits non-zero when port $port is taken (exit $status)"; else fail "up started although port $port is taken"; fi
+if [[ "$output" == *"$port"* ]]; then pass "the message names port $port"; else fail "the message does not name port $port"; fi
+if pgrep -f "$work/stack" >/dev/null; then fail "pieces of the stack still run"; else pass "nothing of the stack runs afterwards"; fi
+if ((failures)); then printf '%s\n' "--- local-stack.sh said:" "$output"; fi
+echo "local-stack-ports: $((3 - failures)) passed, $failures failed"
+((failures == 0))
