@@ -77,10 +77,7 @@ pub struct DatabaseArgs {
 }
 
 #[derive(Debug, Clone, Args)]
-pub struct ServeArgs {
-    #[command(flatten)]
-    pub database: DatabaseArgs,
-
+pub struct RedisArgs {
     /// Redis URL for the recent-window counters shared by all replicas; in-process when unset.
     #[arg(long, env = "REDIS_URL", hide_env_values = true)]
     pub redis_url: Option<String>,
@@ -88,6 +85,32 @@ pub struct ServeArgs {
     /// Prefix of every Redis key this service writes.
     #[arg(long, env = "REDIS_KEY_PREFIX", default_value = "endpoint-stats:")]
     pub redis_key_prefix: String,
+}
+
+impl RedisArgs {
+    /// `None` when no Redis is configured (an empty value counts as unset).
+    pub fn settings(&self) -> Result<Option<RedisSettings>, ConfigError> {
+        let Some(raw) = self.redis_url.as_deref().map(str::trim).filter(|raw| !raw.is_empty()) else {
+            return Ok(None);
+        };
+        let url = Url::parse(raw).map_err(|e| ConfigError::invalid("REDIS_URL", e))?;
+        if !matches!(url.scheme(), "redis" | "rediss" | "unix" | "redis+unix") {
+            return Err(ConfigError::invalid(
+                "REDIS_URL",
+                format!("unsupported scheme `{}` (expected redis://)", url.scheme()),
+            ));
+        }
+        Ok(Some(RedisSettings { url: raw.to_owned(), key_prefix: self.redis_key_prefix.clone() }))
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+
+    #[command(flatten)]
+    pub redis: RedisArgs,
 
     /// TCP port to serve on.
     #[arg(long, env = "PORT", default_value_t = 9999)]
@@ -212,19 +235,7 @@ impl DatabaseArgs {
 
 impl ServeArgs {
     pub fn settings(&self) -> Result<Settings, ConfigError> {
-        let redis = match self.redis_url.as_deref().map(str::trim) {
-            None | Some("") => None,
-            Some(raw) => {
-                let url = Url::parse(raw).map_err(|e| ConfigError::invalid("REDIS_URL", e))?;
-                if !matches!(url.scheme(), "redis" | "rediss" | "unix" | "redis+unix") {
-                    return Err(ConfigError::invalid(
-                        "REDIS_URL",
-                        format!("unsupported scheme `{}` (expected redis://)", url.scheme()),
-                    ));
-                }
-                Some(RedisSettings { url: raw.to_owned(), key_prefix: self.redis_key_prefix.clone() })
-            }
-        };
+        let redis = self.redis.settings()?;
         Ok(Settings {
             database: self.database.settings()?,
             redis,

@@ -15,7 +15,7 @@ use serde::Serialize;
 use sqlx::Row;
 
 use super::pg::quote_table;
-use crate::config::{DatabaseArgs, DatabaseUrl};
+use crate::config::{DatabaseArgs, DatabaseUrl, RedisArgs};
 use crate::store::{describe_sqlx_error, Database};
 use crate::telemetry;
 
@@ -32,12 +32,8 @@ pub struct MaintainArgs {
     pub database: DatabaseArgs,
 
     /// Redis of the recent-window counters; skipped when unset.
-    #[arg(long, env = "REDIS_URL", hide_env_values = true)]
-    pub redis_url: Option<String>,
-
-    /// Prefix of the service's Redis keys.
-    #[arg(long, env = "REDIS_KEY_PREFIX", default_value = "endpoint-stats:")]
-    pub redis_key_prefix: String,
+    #[command(flatten)]
+    pub redis: RedisArgs,
 
     /// Share of dead tuples above which a table is reported as bloated.
     #[arg(long, default_value_t = 0.2)]
@@ -144,17 +140,19 @@ pub async fn run(args: MaintainArgs) -> anyhow::Result<ExitCode> {
         ));
     }
 
-    let redis = match args.redis_url.as_deref().map(str::trim) {
-        None | Some("") => {
-            RedisReport { status: "skipped".to_owned(), prefix: args.redis_key_prefix.clone(), ..Default::default() }
-        }
-        Some(url) => match maintain_redis(url, &args.redis_key_prefix).await {
+    let redis = match args.redis.redis_url.as_deref().map(str::trim) {
+        None | Some("") => RedisReport {
+            status: "skipped".to_owned(),
+            prefix: args.redis.redis_key_prefix.clone(),
+            ..Default::default()
+        },
+        Some(url) => match maintain_redis(url, &args.redis.redis_key_prefix).await {
             Ok(report) => report,
             Err(error) => {
                 failures.push(format!("redis: {error:#}"));
                 RedisReport {
                     status: "failed".to_owned(),
-                    prefix: args.redis_key_prefix.clone(),
+                    prefix: args.redis.redis_key_prefix.clone(),
                     error: Some(format!("{error:#}")),
                     ..Default::default()
                 }

@@ -62,6 +62,15 @@ pub struct EndpointRecord {
     pub last_accessed: DateTime<Utc>,
 }
 
+/// A stored row as both backends select it: (endpoint, access_count, first, last).
+pub(crate) type EndpointRow = (String, i64, DateTime<Utc>, DateTime<Utc>);
+
+impl From<EndpointRow> for EndpointRecord {
+    fn from((endpoint, access_count, first_accessed, last_accessed): EndpointRow) -> Self {
+        Self { endpoint, access_count, first_accessed, last_accessed }
+    }
+}
+
 /// What one committed batch returns.
 #[derive(Debug)]
 pub struct CommittedBatch {

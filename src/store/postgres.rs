@@ -10,7 +10,7 @@ use chrono::{DateTime, Utc};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{Connection, PgConnection, PgPool, Row};
 
-use super::{CommittedBatch, CountedEndpoint, EndpointRecord, PerEndpoint, COUNTED_ENDPOINTS};
+use super::{CommittedBatch, CountedEndpoint, EndpointRecord, EndpointRow, PerEndpoint, COUNTED_ENDPOINTS};
 use crate::config::DatabaseSettings;
 
 /// Keeps a hung query from holding the batcher; well above a healthy commit (< 10 ms).
@@ -97,19 +97,10 @@ pub(super) async fn commit_batch(
 }
 
 pub(super) async fn all_endpoints(pool: &PgPool) -> Result<Vec<EndpointRecord>, sqlx::Error> {
-    sqlx::query_as::<_, (String, i64, DateTime<Utc>, DateTime<Utc>)>(
+    let rows: Vec<EndpointRow> = sqlx::query_as(
         "SELECT endpoint, access_count, first_accessed, last_accessed FROM endpoint_access ORDER BY endpoint",
     )
     .fetch_all(pool)
-    .await
-    .map(|rows| {
-        rows.into_iter()
-            .map(|(endpoint, access_count, first_accessed, last_accessed)| EndpointRecord {
-                endpoint,
-                access_count,
-                first_accessed,
-                last_accessed,
-            })
-            .collect()
-    })
+    .await?;
+    Ok(rows.into_iter().map(EndpointRecord::from).collect())
 }

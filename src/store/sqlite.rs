@@ -10,7 +10,7 @@ use chrono::{DateTime, Utc};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::SqlitePool;
 
-use super::{CommittedBatch, CountedEndpoint, EndpointRecord, PerEndpoint, COUNTED_ENDPOINTS};
+use super::{CommittedBatch, CountedEndpoint, EndpointRecord, EndpointRow, PerEndpoint, COUNTED_ENDPOINTS};
 use crate::config::DatabaseSettings;
 
 pub(super) async fn connect(settings: &DatabaseSettings, connect_timeout: Duration) -> Result<SqlitePool, sqlx::Error> {
@@ -67,13 +67,6 @@ pub(super) async fn all_endpoints(pool: &SqlitePool) -> Result<Vec<EndpointRecor
     Ok(records(sqlx::query_as(SELECT_ALL).fetch_all(pool).await?))
 }
 
-fn records(rows: Vec<(String, i64, DateTime<Utc>, DateTime<Utc>)>) -> Vec<EndpointRecord> {
-    rows.into_iter()
-        .map(|(endpoint, access_count, first_accessed, last_accessed)| EndpointRecord {
-            endpoint,
-            access_count,
-            first_accessed,
-            last_accessed,
-        })
-        .collect()
+fn records(rows: Vec<EndpointRow>) -> Vec<EndpointRecord> {
+    rows.into_iter().map(EndpointRecord::from).collect()
 }
