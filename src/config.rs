@@ -204,12 +204,24 @@ impl std::fmt::Debug for DatabaseUrl {
     }
 }
 
-/// `scheme://user:***@host:port/path`: safe for logs and error messages.
+/// `scheme://user:***@host:port/path?…&password=***`: safe for logs and error messages. libpq
+/// and sqlx also take the password as a query parameter, so that one is masked too.
 pub fn redact_url(url: &Url) -> String {
     let mut shown = url.clone();
     if shown.password().is_some() {
         // set_password only fails for URLs that cannot have credentials; those have none to hide
         let _ = shown.set_password(Some("***"));
+    }
+    if shown.query_pairs().any(|(key, _)| key == "password") {
+        let params: Vec<(String, String)> = url
+            .query_pairs()
+            .map(|(key, value)| {
+                let value = if key == "password" { "***".to_owned() } else { value.into_owned() };
+                (key.into_owned(), value)
+            })
+            .collect();
+        shown.set_query(None);
+        shown.query_pairs_mut().extend_pairs(params);
     }
     shown.to_string()
 }
@@ -257,6 +269,14 @@ mod tests {
         assert!(!shown.contains("s3cret"), "{shown}");
         assert!(shown.contains("app:***@db"), "{shown}");
         assert!(!format!("{url:?}").contains("s3cret"));
+    }
+
+    #[test]
+    fn password_in_the_query_is_redacted_too() {
+        let url = DatabaseUrl::parse("postgres://app@db/stats?sslmode=require&password=s3cret").expect("valid URL");
+        let shown = url.to_string();
+        assert!(!shown.contains("s3cret"), "{shown}");
+        assert!(shown.contains("sslmode=require"), "{shown}");
     }
 
     #[test]

@@ -29,6 +29,10 @@ const COARSE_BUCKETS_PER_HOUR: i64 = 60;
 /// Keys outlive the windows that read them by a margin, then Redis drops them.
 const FINE_KEY_TTL_SECONDS: i64 = 3 * 60;
 const COARSE_KEY_TTL_SECONDS: i64 = 65 * 60;
+/// The longest window reported; older buckets are of no use to anyone.
+pub const LONGEST_WINDOW_SECONDS: i64 = COARSE_BUCKETS_PER_HOUR * COARSE_BUCKET_SECONDS;
+/// Redis bucket kinds: the name in the key and the bucket width in seconds.
+const WINDOW_KEY_KINDS: [(&str, i64); 2] = [("10s", FINE_BUCKET_SECONDS), ("1m", COARSE_BUCKET_SECONDS)];
 /// Bound on each Redis call so that a hung Redis cannot slow an API response.
 const REDIS_TIMEOUT: Duration = Duration::from_millis(500);
 const FLUSH_INTERVAL: Duration = Duration::from_secs(1);
@@ -166,6 +170,24 @@ impl Windows {
     }
 }
 
+/// Every window key starts with this, after the configured key prefix.
+pub fn window_key_prefix(prefix: &str) -> String {
+    format!("{prefix}window:")
+}
+
+fn window_key(prefix: &str, kind: &str, bucket: i64) -> String {
+    format!("{prefix}window:{kind}:{bucket}")
+}
+
+/// What a window key says after its `{prefix}window:` part: the end of its bucket as a Unix time,
+/// or `None` for a name this version does not write.
+pub fn window_key_end(suffix: &str) -> Option<i64> {
+    let (kind, bucket) = suffix.split_once(':')?;
+    let width = WINDOW_KEY_KINDS.iter().find(|(name, _)| *name == kind)?.1;
+    let bucket: i64 = bucket.parse().ok()?;
+    bucket.checked_add(1)?.checked_mul(width)
+}
+
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     // The data behind these locks stays consistent even if a holder panicked mid-update
     // (plain counters), so a poisoned lock is still usable.
@@ -182,7 +204,7 @@ struct BucketRing {
     buckets: VecDeque<(i64, PerEndpoint<u64>)>,
 }
 
-const RING_BUCKETS: i64 = COARSE_BUCKETS_PER_HOUR * COARSE_BUCKET_SECONDS / FINE_BUCKET_SECONDS;
+const RING_BUCKETS: i64 = LONGEST_WINDOW_SECONDS / FINE_BUCKET_SECONDS;
 
 impl BucketRing {
     fn add(&mut self, bucket: i64, increments: &PerEndpoint<i64>) {
@@ -227,11 +249,11 @@ struct RedisWindows {
 
 impl RedisWindows {
     fn fine_key(&self, bucket: i64) -> String {
-        format!("{}window:10s:{bucket}", self.prefix)
+        window_key(&self.prefix, WINDOW_KEY_KINDS[0].0, bucket)
     }
 
     fn coarse_key(&self, bucket: i64) -> String {
-        format!("{}window:1m:{bucket}", self.prefix)
+        window_key(&self.prefix, WINDOW_KEY_KINDS[1].0, bucket)
     }
 
     async fn connection(&self) -> Result<ConnectionManager, String> {
@@ -334,6 +356,20 @@ impl RedisWindows {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn window_key_names_round_trip_to_bucket_ends() {
+        let prefix = window_key_prefix("p:");
+        for (kind, width) in WINDOW_KEY_KINDS {
+            let key = window_key("p:", kind, 100);
+            assert_eq!(window_key_end(&key[prefix.len()..]), Some(101 * width), "{key}");
+        }
+        assert_eq!(window_key_end("10s:100"), Some(1010));
+        assert_eq!(window_key_end("1m:100"), Some(6060));
+        assert_eq!(window_key_end("1h:100"), None);
+        assert_eq!(window_key_end("10s:x"), None);
+        assert_eq!(window_key_end("10s"), None);
+    }
 
     #[test]
     fn ring_sums_the_last_minute_and_hour() {

@@ -18,11 +18,8 @@ use super::pg::quote_table;
 use crate::config::{DatabaseArgs, DatabaseUrl, RedisArgs};
 use crate::store::{describe_sqlx_error, Database};
 use crate::telemetry;
+use crate::windows::{window_key_end, window_key_prefix, LONGEST_WINDOW_SECONDS};
 
-/// The longest recent window the service reports (last hour).
-const LONGEST_WINDOW_SECONDS: i64 = 3600;
-/// Widths of the window buckets (src/windows.rs): `window:10s:{n}` and `window:1m:{n}`.
-const WINDOW_KINDS: &[(&str, i64)] = &[("10s", 10), ("1m", 60)];
 const REDIS_TIMEOUT: Duration = Duration::from_secs(5);
 const SCAN_COUNT: usize = 500;
 
@@ -366,14 +363,6 @@ async fn maintain_sqlite(pool: &sqlx::SqlitePool, warnings: &mut Vec<String>) ->
     })
 }
 
-/// What a window key's name says: its bucket's end, as a Unix time.
-fn window_key_end(suffix: &str) -> Option<i64> {
-    let (kind, bucket) = suffix.split_once(':')?;
-    let width = WINDOW_KINDS.iter().find(|(k, _)| *k == kind)?.1;
-    let bucket: i64 = bucket.parse().ok()?;
-    bucket.checked_add(1)?.checked_mul(width)
-}
-
 /// Escapes glob characters so that a prefix matches literally in SCAN MATCH.
 fn glob_escape(text: &str) -> String {
     let mut escaped = String::with_capacity(text.len());
@@ -396,7 +385,7 @@ async fn maintain_redis(url: &str, prefix: &str) -> anyhow::Result<RedisReport> 
             .map_err(|_| anyhow::anyhow!("Redis did not answer within {REDIS_TIMEOUT:?}"))?
             .map_err(|e| anyhow::anyhow!("Redis unreachable: {e}"))?;
 
-    let window_prefix = format!("{prefix}window:");
+    let window_prefix = window_key_prefix(prefix);
     let now = Utc::now().timestamp();
     let mut report = RedisReport { status: "ok".to_owned(), prefix: prefix.to_owned(), ..Default::default() };
     let mut cursor: u64 = 0;
@@ -527,15 +516,6 @@ fn print_text(report: &Report) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn window_keys_are_parsed_to_their_bucket_end() {
-        assert_eq!(window_key_end("10s:100"), Some(1010));
-        assert_eq!(window_key_end("1m:100"), Some(6060));
-        assert_eq!(window_key_end("1h:100"), None);
-        assert_eq!(window_key_end("10s:x"), None);
-        assert_eq!(window_key_end("10s"), None);
-    }
 
     #[test]
     fn prefixes_match_literally() {

@@ -139,23 +139,7 @@ impl PgTarget {
 
 impl std::fmt::Display for PgTarget {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let mut shown = self.url.clone();
-        let had_query_password = shown.query_pairs().any(|(k, _)| k == "password");
-        if had_query_password {
-            let params: Vec<(String, String)> = shown
-                .query_pairs()
-                .map(|(k, v)| {
-                    if k == "password" {
-                        (k.into_owned(), "***".to_owned())
-                    } else {
-                        (k.into_owned(), v.into_owned())
-                    }
-                })
-                .collect();
-            shown.set_query(None);
-            shown.query_pairs_mut().extend_pairs(params);
-        }
-        f.write_str(&redact_url(&shown))
+        f.write_str(&redact_url(&self.url))
     }
 }
 
@@ -167,22 +151,7 @@ impl std::fmt::Debug for PgTarget {
 
 /// `%XX` decoding of a URL component (user names, passwords, database names).
 pub fn percent_decode(raw: &str) -> String {
-    let bytes = raw.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' && i + 2 < bytes.len() {
-            let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok().and_then(|h| u8::from_str_radix(h, 16).ok());
-            if let Some(byte) = hex {
-                out.push(byte);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    percent_encoding::percent_decode_str(raw).decode_utf8_lossy().into_owned()
 }
 
 /// Where a PostgreSQL client tool is: in `bin_dir` when given, else on `PATH`.

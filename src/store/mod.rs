@@ -175,10 +175,9 @@ impl Database {
         increments: &PerEndpoint<i64>,
         with_snapshot: bool,
     ) -> Result<CommittedBatch, sqlx::Error> {
-        let now = Utc::now();
         match self {
             Self::Postgres(pool) => postgres::commit_batch(pool, increments, with_snapshot).await,
-            Self::Sqlite(pool) => sqlite::commit_batch(pool, increments, with_snapshot, now).await,
+            Self::Sqlite(pool) => sqlite::commit_batch(pool, increments, with_snapshot, Utc::now()).await,
         }
     }
 
