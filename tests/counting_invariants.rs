@@ -22,7 +22,7 @@ async fn burst(addresses: &[String], path: &str, total: usize, concurrency: usiz
                     Ok(response) => {
                         let status = response.status().as_u16();
                         let body: Option<serde_json::Value> = response.json().await.ok();
-                        (status, body.and_then(|b| b["access_count"].as_i64()))
+                        (status, body.and_then(|b| own_access_count(path, &b)))
                     }
                     Err(_) => (0, None),
                 }
@@ -31,6 +31,15 @@ async fn burst(addresses: &[String], path: &str, total: usize, concurrency: usiz
         .buffer_unordered(concurrency)
         .collect()
         .await
+}
+
+/// The `access_count` an answer gives for its own access: top level for `/` and `/stats`, in its own
+/// entry of the listing for `/api/v1/endpoints`.
+fn own_access_count(path: &str, body: &serde_json::Value) -> Option<i64> {
+    body["access_count"].as_i64().or_else(|| {
+        let entries = body["endpoints"].as_array()?;
+        entries.iter().find(|e| e["endpoint"] == path)?["access_count"].as_i64()
+    })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -49,6 +58,31 @@ async fn exact_across_two_replicas_sharing_postgres() {
     let expected: Vec<i64> = (1..=i64::try_from(total).unwrap_or(i64::MAX)).collect();
     assert!(counts == expected, "access_count values are not exactly 1..{total}");
     assert_eq!(database.stored_counts().await.get("/").copied(), Some(6000));
+}
+
+/// Mixed traffic makes batches that span endpoints (the general statement, rows created on first
+/// access) beside single-endpoint batches (the plain UPDATE), on two replicas locking the same rows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exact_per_endpoint_under_mixed_traffic_on_two_replicas() {
+    let database = TestDatabase::create().await;
+    let replicas = [Replica::start(&database.url, &[]).await, Replica::start(&database.url, &[]).await];
+    let addresses: Vec<String> = replicas.iter().map(|r| r.address.clone()).collect();
+    let paths = ["/", "/stats", "/api/v1/endpoints"];
+    let per_path = 1500;
+
+    let bursts = paths.map(|path| burst(&addresses, path, per_path, 32));
+    let answers = futures_util::future::join_all(bursts).await;
+
+    let stored = database.stored_counts().await;
+    for (path, answers) in paths.iter().zip(answers) {
+        let failures = answers.iter().filter(|(status, _)| *status != 200).count();
+        assert_eq!(failures, 0, "{path}: {failures} non-200 answers");
+        let mut counts: Vec<i64> = answers.iter().filter_map(|(_, count)| *count).collect();
+        counts.sort_unstable();
+        let expected: Vec<i64> = (1..=i64::try_from(per_path).unwrap_or(i64::MAX)).collect();
+        assert!(counts == expected, "{path}: access_count values are not exactly 1..{per_path}");
+        assert_eq!(stored.get(*path).copied(), Some(1500), "{path}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -10,10 +10,13 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
-use super::{CountedEndpoint, Database, EndpointRecord, PerEndpoint, StoreError, COUNTED_ENDPOINTS};
+use super::{
+    CommitConnection, CommittedBatch, CountedEndpoint, Database, EndpointRecord, PerEndpoint, StoreError,
+    COUNTED_ENDPOINTS,
+};
 use crate::telemetry::Metrics;
 use crate::windows::Windows;
 
@@ -51,13 +54,19 @@ impl AccessCounter {
         windows: Windows,
         metrics: Metrics,
         request_timeout: Duration,
-    ) -> (Self, JoinHandle<()>) {
+    ) -> std::io::Result<(Self, JoinHandle<()>)> {
         let (sender, receiver) = mpsc::channel(QUEUE_CAPACITY);
         // A commit must give up before the client does, so that a client never gets a 503 for an
         // access that was committed after all.
         let commit_timeout = request_timeout.mul_f64(0.8);
-        let task = tokio::spawn(run(receiver, database, windows, metrics, commit_timeout));
-        (Self { sender, request_timeout }, task)
+        let batcher = run(receiver, database, windows, metrics, commit_timeout);
+        // The batcher runs on a thread and runtime of its own. On the server's runtime, the wake-up
+        // for a finished commit queued behind every HTTP connection ready at that moment, and that
+        // wait was part of every commit's latency, which is what bounds throughput
+        // (docs/operations/tuning.md). Here the OS schedules it as soon as PostgreSQL answers.
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let task = tokio::task::spawn_blocking(move || runtime.block_on(batcher));
+        Ok((Self { sender, request_timeout }, task))
     }
 
     /// Counts one access and returns its committed count.
@@ -81,27 +90,18 @@ async fn run(
     metrics: Metrics,
     commit_timeout: Duration,
 ) {
-    // Commits in flight at once. More than one pipelines the round trips: the next batch is on
-    // the wire while the previous one commits, and PostgreSQL's row lock keeps them in order.
-    let depth = database.commit_pipeline_depth();
-    let slots = Arc::new(Semaphore::new(depth));
-    let context = Arc::new(CommitContext { database, windows, metrics, commit_timeout });
-    loop {
-        // Waiting for a free slot first lets the next batch accumulate while all slots commit.
-        let Ok(slot) = slots.clone().acquire_owned().await else { break };
-        let mut batch = Vec::with_capacity(64);
-        if receiver.recv_many(&mut batch, MAX_BATCH).await == 0 {
-            break;
-        }
-        let context = context.clone();
-        tokio::spawn(async move {
-            commit(&mut batch, &context).await;
-            drop(slot);
-        });
+    let context = CommitContext { database, windows, metrics, commit_timeout };
+    let mut connection = None;
+    let mut batch = Vec::with_capacity(64);
+    // One commit at a time: the accesses that arrive meanwhile form the next batch, which starts as
+    // soon as this one is answered. (A second commit in flight only waits for the row lock of the
+    // first, and costs PostgreSQL CPU: docs/operations/tuning.md.)
+    while receiver.recv_many(&mut batch, MAX_BATCH).await > 0 {
+        commit(&mut batch, &mut connection, &context).await;
     }
-    // Every handle is gone; wait for the commits still in flight so that shutdown flushes them.
-    let all = u32::try_from(depth).unwrap_or(u32::MAX);
-    let _ = slots.acquire_many(all).await;
+    if let Some(connection) = connection {
+        connection.close().await;
+    }
     tracing::debug!("access batcher stopped: every access answered");
 }
 
@@ -112,8 +112,8 @@ struct CommitContext {
     commit_timeout: Duration,
 }
 
-async fn commit(batch: &mut Vec<PendingAccess>, context: &CommitContext) {
-    let CommitContext { database, windows, metrics, commit_timeout } = context;
+async fn commit(batch: &mut Vec<PendingAccess>, held: &mut Option<CommitConnection>, context: &CommitContext) {
+    let CommitContext { database, metrics, commit_timeout, .. } = context;
     let commit_timeout = *commit_timeout;
     // A client that gave up (timeout, disconnect) is not counted: its access would be stored
     // without a 200 response to match it.
@@ -129,22 +129,43 @@ async fn commit(batch: &mut Vec<PendingAccess>, context: &CommitContext) {
     }
 
     let started = Instant::now();
-    let outcome = tokio::time::timeout(commit_timeout, database.commit_batch(&increments, wants_snapshot)).await;
+    let attempt = async {
+        let connection = match held {
+            Some(connection) => connection,
+            None => held.insert(database.commit_connection().await?),
+        };
+        connection.commit_batch(&increments, wants_snapshot).await
+    };
+    let outcome = tokio::time::timeout(commit_timeout, attempt).await;
     metrics.db_commit_duration.observe(started.elapsed().as_secs_f64());
 
-    let committed = match outcome {
-        Ok(Ok(committed)) => committed,
-        Ok(Err(error)) => {
-            return fail_batch(batch, metrics, StoreError::from(error));
-        }
-        Err(_) => return fail_batch(batch, metrics, StoreError::Timeout(commit_timeout)),
+    let failure = match outcome {
+        Ok(Ok(committed)) => return answer_batch(batch, committed, &increments, context),
+        Ok(Err(error)) => StoreError::from(error),
+        Err(_) => StoreError::Timeout(commit_timeout),
     };
+    // A connection that failed or was abandoned mid-statement is in an unknown state.
+    if let Some(connection) = held.take() {
+        connection.discard();
+    }
+    fail_batch(batch, metrics, failure);
+}
+
+fn answer_batch(
+    batch: &mut Vec<PendingAccess>,
+    committed: CommittedBatch,
+    increments: &PerEndpoint<i64>,
+    context: &CommitContext,
+) {
+    let CommitContext { windows, metrics, .. } = context;
     metrics.db_batch_size.observe(batch.len() as f64);
 
     let mut next_value: PerEndpoint<i64> = [0; COUNTED_ENDPOINTS];
     for index in 0..COUNTED_ENDPOINTS {
         next_value[index] = committed.counts_after[index] - increments[index] + 1;
     }
+    // Recorded before any reply, so that a client's next request sees its access in the windows.
+    windows.record(increments);
     let snapshot = committed.snapshot.map(Arc::new);
     for pending in batch.drain(..) {
         let index = pending.endpoint.index();
@@ -154,7 +175,6 @@ async fn commit(batch: &mut Vec<PendingAccess>, context: &CommitContext) {
         // The receiver may have gone in the meantime; the access is committed either way.
         let _ = pending.reply.send(Ok(Access { access_count, snapshot }));
     }
-    windows.record(&increments);
 }
 
 fn fail_batch(batch: &mut Vec<PendingAccess>, metrics: &Metrics, error: StoreError) {

@@ -10,7 +10,8 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use sqlx::migrate::Migrator;
-use sqlx::{PgPool, SqlitePool};
+use sqlx::pool::PoolConnection;
+use sqlx::{Connection, PgConnection, PgPool, Sqlite, SqlitePool};
 
 use crate::config::{DatabaseSettings, DatabaseUrl};
 
@@ -169,16 +170,15 @@ impl Database {
         Ok(())
     }
 
-    /// Adds the increments in one transaction and returns the counts after it.
-    pub async fn commit_batch(
-        &self,
-        increments: &PerEndpoint<i64>,
-        with_snapshot: bool,
-    ) -> Result<CommittedBatch, sqlx::Error> {
-        match self {
-            Self::Postgres(pool) => postgres::commit_batch(pool, increments, with_snapshot).await,
-            Self::Sqlite(pool) => sqlite::commit_batch(pool, increments, with_snapshot, Utc::now()).await,
-        }
+    /// The connection the batcher keeps across commits, so that a commit is exactly one round trip
+    /// (an sqlx pool pings every connection returned to it: a second round trip per commit). On
+    /// PostgreSQL it is a connection of its own, outside the pool, because its socket must belong to
+    /// the batcher's runtime (see `batcher.rs`); SQLite connections run on threads of their own.
+    pub async fn commit_connection(&self) -> Result<CommitConnection, sqlx::Error> {
+        Ok(match self {
+            Self::Postgres(pool) => CommitConnection::Postgres(postgres::connect_for_commits(pool).await?),
+            Self::Sqlite(pool) => CommitConnection::Sqlite(pool.acquire().await?),
+        })
     }
 
     pub async fn all_endpoints(&self) -> Result<Vec<EndpointRecord>, StoreError> {
@@ -206,21 +206,49 @@ impl Database {
         }
     }
 
-    /// Group commits the batcher may have in flight at once. One on both backends: on the 2-core
-    /// benchmark machine a second commit in flight only waited for the row lock of the first and
-    /// cost PostgreSQL CPU (GET / fell from 0.39 to 0.32 of the hello-world baseline with 2, and
-    /// to 0.27 with 3; docs/operations/tuning.md). Kept as a knob for machines with more cores.
-    pub fn commit_pipeline_depth(&self) -> usize {
-        match self {
-            Self::Postgres(_) => 1,
-            Self::Sqlite(_) => 1,
-        }
-    }
-
     pub fn backend_name(&self) -> &'static str {
         match self {
             Self::Postgres(_) => "postgres",
             Self::Sqlite(_) => "sqlite",
+        }
+    }
+}
+
+/// The connection the batcher commits on; see [`Database::commit_connection`].
+pub enum CommitConnection {
+    Postgres(PgConnection),
+    Sqlite(PoolConnection<Sqlite>),
+}
+
+impl CommitConnection {
+    /// Adds the increments in one transaction and returns the counts after it.
+    pub async fn commit_batch(
+        &mut self,
+        increments: &PerEndpoint<i64>,
+        with_snapshot: bool,
+    ) -> Result<CommittedBatch, sqlx::Error> {
+        match self {
+            Self::Postgres(connection) => postgres::commit_batch(connection, increments, with_snapshot).await,
+            Self::Sqlite(connection) => sqlite::commit_batch(connection, increments, with_snapshot, Utc::now()).await,
+        }
+    }
+
+    /// Closes the connection cleanly (shutdown).
+    pub async fn close(self) {
+        match self {
+            Self::Postgres(connection) => {
+                let _ = connection.close().await;
+            }
+            Self::Sqlite(connection) => drop(connection),
+        }
+    }
+
+    /// Drops the connection without returning it to the pool: after a failed or abandoned commit
+    /// its state is unknown.
+    pub fn discard(self) {
+        match self {
+            Self::Postgres(connection) => drop(connection),
+            Self::Sqlite(mut connection) => connection.close_on_drop(),
         }
     }
 }

@@ -1,13 +1,14 @@
 //! PostgreSQL backend: one statement per batch.
 //!
-//! A batch is a single `INSERT … ON CONFLICT DO UPDATE … RETURNING` over all endpoints it touches,
-//! run in autocommit mode: one round trip, one transaction, one WAL flush, whatever the batch size.
+//! A batch is a single statement run in autocommit mode: one round trip, one transaction, one WAL
+//! flush, whatever the batch size. Under load that is a plain `UPDATE … RETURNING` of one row; the
+//! general `INSERT … ON CONFLICT DO UPDATE … RETURNING` covers several endpoints and first accesses.
 
 use std::str::FromStr;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgRow};
 use sqlx::{Connection, PgConnection, PgPool, Row};
 
 use super::{CommittedBatch, CountedEndpoint, EndpointRecord, EndpointRow, PerEndpoint, COUNTED_ENDPOINTS};
@@ -32,11 +33,23 @@ pub(super) async fn connect(settings: &DatabaseSettings, connect_timeout: Durati
         // Short, so that a counted request answers 503 about a second into an outage instead of
         // holding the client; the batcher needs at most a few connections of the pool.
         .acquire_timeout(POOL_ACQUIRE_TIMEOUT)
-        // A ping before every acquire would double the round trips of the hot path; a dead
-        // connection instead fails one batch (answered 503, nothing counted) and is replaced.
-        .test_before_acquire(false)
+        // The counting hot path does not use the pool (the batcher holds its own connection), so
+        // the pool can afford a ping before every acquire: after a database restart, readiness
+        // and reads get a live connection instead of failing once on a stale one.
+        .test_before_acquire(true)
         .connect_with(options)
         .await
+}
+
+/// The general batch: any set of endpoints, rows created on their first access, and optionally
+/// every other row as of the commit. Rows are locked in array order ([`CountedEndpoint::ALL`]),
+/// so that concurrent replicas cannot deadlock.
+/// A connection of its own for the batcher, with the pool's settings, given up after as long as a
+/// pool acquire would be: during an outage a counted request answers 503 in about a second.
+pub(super) async fn connect_for_commits(pool: &PgPool) -> Result<PgConnection, sqlx::Error> {
+    tokio::time::timeout(POOL_ACQUIRE_TIMEOUT, PgConnection::connect_with(&pool.connect_options()))
+        .await
+        .map_err(|_| sqlx::Error::PoolTimedOut)?
 }
 
 const COMMIT_BATCH: &str = r#"
@@ -56,8 +69,28 @@ SELECT endpoint, access_count, first_accessed, last_accessed, FALSE FROM endpoin
 WHERE $3 AND endpoint <> ALL($1::text[])
 "#;
 
+/// The hot path under load: a batch of accesses to one endpoint whose row exists. A plain
+/// single-row `UPDATE` costs PostgreSQL a good deal less per commit than the general statement's
+/// arrays, speculative insert and union (docs/operations/tuning.md), and the commit's latency is
+/// what bounds throughput.
+const INCREMENT_ONE: &str =
+    "UPDATE endpoint_access SET access_count = access_count + $2, last_accessed = now() WHERE endpoint = $1 \
+     RETURNING access_count";
+
+/// [`INCREMENT_ONE`] for a batch that also reports every row (`/stats`).
+const INCREMENT_ONE_WITH_SNAPSHOT: &str = r#"
+WITH updated AS (
+    UPDATE endpoint_access SET access_count = access_count + $2, last_accessed = now() WHERE endpoint = $1
+    RETURNING endpoint, access_count, first_accessed, last_accessed
+)
+SELECT endpoint, access_count, first_accessed, last_accessed, TRUE AS updated FROM updated
+UNION ALL
+SELECT endpoint, access_count, first_accessed, last_accessed, FALSE FROM endpoint_access
+WHERE endpoint <> $1 AND EXISTS (SELECT 1 FROM updated)
+"#;
+
 pub(super) async fn commit_batch(
-    pool: &PgPool,
+    connection: &mut PgConnection,
     increments: &PerEndpoint<i64>,
     with_snapshot: bool,
 ) -> Result<CommittedBatch, sqlx::Error> {
@@ -70,18 +103,44 @@ pub(super) async fn commit_batch(
             amounts.push(n);
         }
     }
-    let rows = sqlx::query(COMMIT_BATCH).bind(&paths).bind(&amounts).bind(with_snapshot).fetch_all(pool).await?;
+    // A single endpoint whose row is missing (its first access ever) updates nothing and returns
+    // no row; the general statement then creates it. Nothing was written, so nothing is counted twice.
+    if let ([path], [n]) = (paths.as_slice(), amounts.as_slice()) {
+        let committed = if with_snapshot {
+            let rows = sqlx::query(INCREMENT_ONE_WITH_SNAPSHOT).bind(path).bind(n).fetch_all(&mut *connection).await?;
+            (!rows.is_empty()).then(|| committed_from_rows(rows, true)).transpose()?
+        } else {
+            let count: Option<i64> =
+                sqlx::query_scalar(INCREMENT_ONE).bind(path).bind(n).fetch_optional(&mut *connection).await?;
+            count.map(|count| {
+                let mut counts_after = [0; COUNTED_ENDPOINTS];
+                if let Some(endpoint) = CountedEndpoint::from_path(path) {
+                    counts_after[endpoint.index()] = count;
+                }
+                CommittedBatch { counts_after, snapshot: None }
+            })
+        };
+        if let Some(committed) = committed {
+            return Ok(committed);
+        }
+    }
+    let rows =
+        sqlx::query(COMMIT_BATCH).bind(&paths).bind(&amounts).bind(with_snapshot).fetch_all(&mut *connection).await?;
+    committed_from_rows(rows, with_snapshot)
+}
 
+/// Reads (endpoint, access_count, first_accessed, last_accessed, updated) rows.
+fn committed_from_rows(rows: Vec<PgRow>, with_snapshot: bool) -> Result<CommittedBatch, sqlx::Error> {
     let mut counts_after = [0; COUNTED_ENDPOINTS];
     let mut snapshot = with_snapshot.then(|| Vec::with_capacity(rows.len()));
     for row in rows {
         let record = EndpointRecord {
-            endpoint: row.try_get("endpoint")?,
-            access_count: row.try_get("access_count")?,
-            first_accessed: row.try_get::<DateTime<Utc>, _>("first_accessed")?,
-            last_accessed: row.try_get::<DateTime<Utc>, _>("last_accessed")?,
+            endpoint: row.try_get(0)?,
+            access_count: row.try_get(1)?,
+            first_accessed: row.try_get::<DateTime<Utc>, _>(2)?,
+            last_accessed: row.try_get::<DateTime<Utc>, _>(3)?,
         };
-        if row.try_get::<bool, _>("updated")? {
+        if row.try_get::<bool, _>(4)? {
             if let Some(endpoint) = CountedEndpoint::from_path(&record.endpoint) {
                 counts_after[endpoint.index()] = record.access_count;
             }

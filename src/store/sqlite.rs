@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::SqlitePool;
+use sqlx::{Connection, SqliteConnection, SqlitePool};
 
 use super::{CommittedBatch, CountedEndpoint, EndpointRecord, EndpointRow, PerEndpoint, COUNTED_ENDPOINTS};
 use crate::config::DatabaseSettings;
@@ -36,12 +36,12 @@ const SELECT_ALL: &str =
     "SELECT endpoint, access_count, first_accessed, last_accessed FROM endpoint_access ORDER BY endpoint";
 
 pub(super) async fn commit_batch(
-    pool: &SqlitePool,
+    connection: &mut SqliteConnection,
     increments: &PerEndpoint<i64>,
     with_snapshot: bool,
     now: DateTime<Utc>,
 ) -> Result<CommittedBatch, sqlx::Error> {
-    let mut transaction = pool.begin().await?;
+    let mut transaction = connection.begin().await?;
     let mut counts_after = [0; COUNTED_ENDPOINTS];
     for endpoint in CountedEndpoint::ALL {
         let n = increments[endpoint.index()];
