@@ -15,7 +15,7 @@ cd "$REPO_ROOT"
 source scripts/lib/ensure-deps.sh
 
 duration=5
-rounds=3
+rounds=5
 connections=64
 threads=2
 while (($#)); do
