@@ -58,8 +58,7 @@ impl Application {
         let local_addr = listener.local_addr().context("listener address")?;
 
         let (counter, batcher) =
-            AccessCounter::start(database.clone(), windows.clone(), metrics.clone(), settings.request_timeout)
-                .context("cannot start the access batcher's runtime")?;
+            AccessCounter::start(database.clone(), windows.clone(), metrics.clone(), settings.request_timeout);
         let window_flusher = windows.spawn_flusher();
         let shutting_down = Arc::new(AtomicBool::new(false));
         let state = AppState {

@@ -54,19 +54,13 @@ impl AccessCounter {
         windows: Windows,
         metrics: Metrics,
         request_timeout: Duration,
-    ) -> std::io::Result<(Self, JoinHandle<()>)> {
+    ) -> (Self, JoinHandle<()>) {
         let (sender, receiver) = mpsc::channel(QUEUE_CAPACITY);
         // A commit must give up before the client does, so that a client never gets a 503 for an
         // access that was committed after all.
         let commit_timeout = request_timeout.mul_f64(0.8);
-        let batcher = run(receiver, database, windows, metrics, commit_timeout);
-        // The batcher runs on a thread and runtime of its own. On the server's runtime, the wake-up
-        // for a finished commit queued behind every HTTP connection ready at that moment, and that
-        // wait was part of every commit's latency, which is what bounds throughput
-        // (docs/operations/tuning.md). Here the OS schedules it as soon as PostgreSQL answers.
-        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-        let task = tokio::task::spawn_blocking(move || runtime.block_on(batcher));
-        Ok((Self { sender, request_timeout }, task))
+        let task = tokio::spawn(run(receiver, database, windows, metrics, commit_timeout));
+        (Self { sender, request_timeout }, task)
     }
 
     /// Counts one access and returns its committed count.
@@ -98,9 +92,6 @@ async fn run(
     // first, and costs PostgreSQL CPU: docs/operations/tuning.md.)
     while receiver.recv_many(&mut batch, MAX_BATCH).await > 0 {
         commit(&mut batch, &mut connection, &context).await;
-    }
-    if let Some(connection) = connection {
-        connection.close().await;
     }
     tracing::debug!("access batcher stopped: every access answered");
 }

@@ -11,7 +11,7 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use sqlx::migrate::Migrator;
 use sqlx::pool::PoolConnection;
-use sqlx::{Connection, PgConnection, PgPool, Sqlite, SqlitePool};
+use sqlx::{PgPool, Postgres, Sqlite, SqlitePool};
 
 use crate::config::{DatabaseSettings, DatabaseUrl};
 
@@ -170,13 +170,11 @@ impl Database {
         Ok(())
     }
 
-    /// The connection the batcher keeps across commits, so that a commit is exactly one round trip
-    /// (an sqlx pool pings every connection returned to it: a second round trip per commit). On
-    /// PostgreSQL it is a connection of its own, outside the pool, because its socket must belong to
-    /// the batcher's runtime (see `batcher.rs`); SQLite connections run on threads of their own.
+    /// The pool connection the batcher keeps across commits, so that a commit is exactly one round
+    /// trip: an sqlx pool pings every connection handed back to it, a second round trip per commit.
     pub async fn commit_connection(&self) -> Result<CommitConnection, sqlx::Error> {
         Ok(match self {
-            Self::Postgres(pool) => CommitConnection::Postgres(postgres::connect_for_commits(pool).await?),
+            Self::Postgres(pool) => CommitConnection::Postgres(pool.acquire().await?),
             Self::Sqlite(pool) => CommitConnection::Sqlite(pool.acquire().await?),
         })
     }
@@ -216,7 +214,7 @@ impl Database {
 
 /// The connection the batcher commits on; see [`Database::commit_connection`].
 pub enum CommitConnection {
-    Postgres(PgConnection),
+    Postgres(PoolConnection<Postgres>),
     Sqlite(PoolConnection<Sqlite>),
 }
 
@@ -233,21 +231,11 @@ impl CommitConnection {
         }
     }
 
-    /// Closes the connection cleanly (shutdown).
-    pub async fn close(self) {
-        match self {
-            Self::Postgres(connection) => {
-                let _ = connection.close().await;
-            }
-            Self::Sqlite(connection) => drop(connection),
-        }
-    }
-
-    /// Drops the connection without returning it to the pool: after a failed or abandoned commit
-    /// its state is unknown.
+    /// Closes the connection instead of returning it to the pool: after a failed or abandoned
+    /// commit its state is unknown.
     pub fn discard(self) {
         match self {
-            Self::Postgres(connection) => drop(connection),
+            Self::Postgres(mut connection) => connection.close_on_drop(),
             Self::Sqlite(mut connection) => connection.close_on_drop(),
         }
     }

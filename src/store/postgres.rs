@@ -31,11 +31,11 @@ pub(super) async fn connect(settings: &DatabaseSettings, connect_timeout: Durati
     PgPoolOptions::new()
         .max_connections(settings.pool_size)
         // Short, so that a counted request answers 503 about a second into an outage instead of
-        // holding the client; the batcher needs at most a few connections of the pool.
+        // holding the client. The batcher keeps one connection of the pool; the rest serve reads.
         .acquire_timeout(POOL_ACQUIRE_TIMEOUT)
-        // The counting hot path does not use the pool (the batcher holds its own connection), so
-        // the pool can afford a ping before every acquire: after a database restart, readiness
-        // and reads get a live connection instead of failing once on a stale one.
+        // The batcher keeps its connection instead of acquiring one per commit, so a ping before
+        // every acquire costs the hot path nothing, and after a database restart readiness and
+        // reads get a live connection instead of failing once on a stale one.
         .test_before_acquire(true)
         .connect_with(options)
         .await
@@ -44,14 +44,6 @@ pub(super) async fn connect(settings: &DatabaseSettings, connect_timeout: Durati
 /// The general batch: any set of endpoints, rows created on their first access, and optionally
 /// every other row as of the commit. Rows are locked in array order ([`CountedEndpoint::ALL`]),
 /// so that concurrent replicas cannot deadlock.
-/// A connection of its own for the batcher, with the pool's settings, given up after as long as a
-/// pool acquire would be: during an outage a counted request answers 503 in about a second.
-pub(super) async fn connect_for_commits(pool: &PgPool) -> Result<PgConnection, sqlx::Error> {
-    tokio::time::timeout(POOL_ACQUIRE_TIMEOUT, PgConnection::connect_with(&pool.connect_options()))
-        .await
-        .map_err(|_| sqlx::Error::PoolTimedOut)?
-}
-
 const COMMIT_BATCH: &str = r#"
 WITH increments AS (
     SELECT endpoint, n FROM UNNEST($1::text[], $2::bigint[]) AS t(endpoint, n)
