@@ -42,6 +42,16 @@ fn own_access_count(path: &str, body: &serde_json::Value) -> Option<i64> {
     })
 }
 
+/// Every answer is a 200 and the values handed out are exactly 1..=`total`: none lost, none repeated.
+fn assert_exactly_one_to(answers: &[(u16, Option<i64>)], total: usize, path: &str) {
+    let failures: Vec<_> = answers.iter().filter(|(status, _)| *status != 200).collect();
+    assert!(failures.is_empty(), "{path}: {} non-200 answers, e.g. {:?}", failures.len(), failures.first());
+    let mut counts: Vec<i64> = answers.iter().filter_map(|(_, count)| *count).collect();
+    counts.sort_unstable();
+    let expected: Vec<i64> = (1..=i64::try_from(total).unwrap_or(i64::MAX)).collect();
+    assert!(counts == expected, "{path}: access_count values are not exactly 1..{total}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exact_across_two_replicas_sharing_postgres() {
     let database = TestDatabase::create().await;
@@ -51,12 +61,7 @@ async fn exact_across_two_replicas_sharing_postgres() {
 
     let answers = burst(&addresses, "/", total, 64).await;
 
-    let failures: Vec<_> = answers.iter().filter(|(status, _)| *status != 200).collect();
-    assert!(failures.is_empty(), "{} non-200 answers, e.g. {:?}", failures.len(), failures.first());
-    let mut counts: Vec<i64> = answers.iter().filter_map(|(_, count)| *count).collect();
-    counts.sort_unstable();
-    let expected: Vec<i64> = (1..=i64::try_from(total).unwrap_or(i64::MAX)).collect();
-    assert!(counts == expected, "access_count values are not exactly 1..{total}");
+    assert_exactly_one_to(&answers, total, "/");
     assert_eq!(database.stored_counts().await.get("/").copied(), Some(6000));
 }
 
@@ -75,12 +80,7 @@ async fn exact_per_endpoint_under_mixed_traffic_on_two_replicas() {
 
     let stored = database.stored_counts().await;
     for (path, answers) in paths.iter().zip(answers) {
-        let failures = answers.iter().filter(|(status, _)| *status != 200).count();
-        assert_eq!(failures, 0, "{path}: {failures} non-200 answers");
-        let mut counts: Vec<i64> = answers.iter().filter_map(|(_, count)| *count).collect();
-        counts.sort_unstable();
-        let expected: Vec<i64> = (1..=i64::try_from(per_path).unwrap_or(i64::MAX)).collect();
-        assert!(counts == expected, "{path}: access_count values are not exactly 1..{per_path}");
+        assert_exactly_one_to(&answers, per_path, path);
         assert_eq!(stored.get(*path).copied(), Some(1500), "{path}");
     }
 }

@@ -86,39 +86,41 @@ pub(super) async fn commit_batch(
     increments: &PerEndpoint<i64>,
     with_snapshot: bool,
 ) -> Result<CommittedBatch, sqlx::Error> {
-    let mut paths = Vec::with_capacity(COUNTED_ENDPOINTS);
-    let mut amounts = Vec::with_capacity(COUNTED_ENDPOINTS);
-    for endpoint in CountedEndpoint::ALL {
-        let n = increments[endpoint.index()];
-        if n > 0 {
-            paths.push(endpoint.path());
-            amounts.push(n);
-        }
-    }
-    // A single endpoint whose row is missing (its first access ever) updates nothing and returns
-    // no row; the general statement then creates it. Nothing was written, so nothing is counted twice.
-    if let ([path], [n]) = (paths.as_slice(), amounts.as_slice()) {
-        let committed = if with_snapshot {
-            let rows = sqlx::query(INCREMENT_ONE_WITH_SNAPSHOT).bind(path).bind(n).fetch_all(&mut *connection).await?;
-            (!rows.is_empty()).then(|| committed_from_rows(rows, true)).transpose()?
-        } else {
-            let count: Option<i64> =
-                sqlx::query_scalar(INCREMENT_ONE).bind(path).bind(n).fetch_optional(&mut *connection).await?;
-            count.map(|count| {
-                let mut counts_after = [0; COUNTED_ENDPOINTS];
-                if let Some(endpoint) = CountedEndpoint::from_path(path) {
-                    counts_after[endpoint.index()] = count;
-                }
-                CommittedBatch { counts_after, snapshot: None }
-            })
-        };
-        if let Some(committed) = committed {
+    let touched: Vec<(CountedEndpoint, i64)> =
+        CountedEndpoint::ALL.into_iter().map(|e| (e, increments[e.index()])).filter(|&(_, n)| n > 0).collect();
+    if let [(endpoint, n)] = touched[..] {
+        if let Some(committed) = increment_one(connection, endpoint, n, with_snapshot).await? {
             return Ok(committed);
         }
     }
+    let paths: Vec<&str> = touched.iter().map(|(endpoint, _)| endpoint.path()).collect();
+    let amounts: Vec<i64> = touched.iter().map(|&(_, n)| n).collect();
     let rows =
         sqlx::query(COMMIT_BATCH).bind(&paths).bind(&amounts).bind(with_snapshot).fetch_all(&mut *connection).await?;
     committed_from_rows(rows, with_snapshot)
+}
+
+/// The fast path, or `None` when the endpoint's row does not exist yet (its first access ever):
+/// the `UPDATE` then wrote nothing, so the general statement can create the row without counting
+/// anything twice.
+async fn increment_one(
+    connection: &mut PgConnection,
+    endpoint: CountedEndpoint,
+    n: i64,
+    with_snapshot: bool,
+) -> Result<Option<CommittedBatch>, sqlx::Error> {
+    if with_snapshot {
+        let rows =
+            sqlx::query(INCREMENT_ONE_WITH_SNAPSHOT).bind(endpoint.path()).bind(n).fetch_all(&mut *connection).await?;
+        return (!rows.is_empty()).then(|| committed_from_rows(rows, true)).transpose();
+    }
+    let count: Option<i64> =
+        sqlx::query_scalar(INCREMENT_ONE).bind(endpoint.path()).bind(n).fetch_optional(&mut *connection).await?;
+    Ok(count.map(|count| {
+        let mut counts_after = [0; COUNTED_ENDPOINTS];
+        counts_after[endpoint.index()] = count;
+        CommittedBatch { counts_after, snapshot: None }
+    }))
 }
 
 /// Reads (endpoint, access_count, first_accessed, last_accessed, updated) rows.
