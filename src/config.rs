@@ -241,7 +241,10 @@ impl ConfigError {
 
 impl DatabaseArgs {
     pub fn settings(&self) -> Result<DatabaseSettings, ConfigError> {
-        Ok(DatabaseSettings { url: DatabaseUrl::parse(&self.database_url)?, pool_size: self.db_pool_size })
+        // An empty value counts as unset, as for REDIS_URL: `DATABASE_URL=` in an env file or a
+        // manifest means "no database configured", not a broken URL.
+        let raw = Some(self.database_url.trim()).filter(|raw| !raw.is_empty()).unwrap_or(DEFAULT_DATABASE_URL);
+        Ok(DatabaseSettings { url: DatabaseUrl::parse(raw)?, pool_size: self.db_pool_size })
     }
 }
 
@@ -290,5 +293,14 @@ mod tests {
     #[test]
     fn sqlite_default_is_accepted() {
         assert!(!DatabaseUrl::parse(DEFAULT_DATABASE_URL).expect("default").is_postgres());
+    }
+
+    #[test]
+    fn empty_database_url_means_the_sqlite_default() {
+        for empty in ["", "  "] {
+            let cli = Cli::try_parse_from(["endpoint-stats", "--database-url", empty]).expect("parses");
+            let settings = cli.serve.database.settings().expect("empty counts as unset");
+            assert_eq!(settings.url.expose(), DEFAULT_DATABASE_URL, "{empty:?}");
+        }
     }
 }

@@ -33,8 +33,10 @@ const COARSE_KEY_TTL_SECONDS: i64 = 65 * 60;
 pub const LONGEST_WINDOW_SECONDS: i64 = COARSE_BUCKETS_PER_HOUR * COARSE_BUCKET_SECONDS;
 /// Redis bucket kinds: the name in the key and the bucket width in seconds.
 const WINDOW_KEY_KINDS: [(&str, i64); 2] = [("10s", FINE_BUCKET_SECONDS), ("1m", COARSE_BUCKET_SECONDS)];
-/// Bound on each Redis call so that a hung Redis cannot slow an API response.
+/// Connection and response timeouts of the Redis client.
 const REDIS_TIMEOUT: Duration = Duration::from_millis(500);
+/// Bound on one Redis operation as a caller sees it: room for one connection attempt.
+const REDIS_OPERATION_LIMIT: Duration = Duration::from_millis(1000);
 const FLUSH_INTERVAL: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -274,13 +276,17 @@ impl RedisWindows {
         Ok(connection)
     }
 
+    /// One bound for the whole operation, the wait for a connection included: while Redis hangs,
+    /// callers queue behind one reconnection attempt at a time, and a readiness probe must not wait
+    /// for all of them.
     async fn run<T: redis::FromRedisValue>(&self, pipeline: &redis::Pipeline) -> Result<T, String> {
-        let mut connection = self.connection().await?;
-        match tokio::time::timeout(REDIS_TIMEOUT, pipeline.query_async::<T>(&mut connection)).await {
-            Ok(Ok(value)) => Ok(value),
-            Ok(Err(error)) => Err(format!("Redis error: {error}")),
-            Err(_) => Err(format!("Redis did not answer within {REDIS_TIMEOUT:?}")),
-        }
+        let operation = async {
+            let mut connection = self.connection().await?;
+            pipeline.query_async::<T>(&mut connection).await.map_err(|error| format!("Redis error: {error}"))
+        };
+        tokio::time::timeout(REDIS_OPERATION_LIMIT, operation)
+            .await
+            .map_err(|_| format!("Redis did not answer within {REDIS_OPERATION_LIMIT:?}"))?
     }
 
     async fn ping(&self) -> Result<(), String> {

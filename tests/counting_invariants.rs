@@ -195,6 +195,77 @@ async fn database_outage_answers_503_quickly_and_recovers_by_itself() {
     assert_eq!(database.stored_counts().await.get("/"), Some(&6));
 }
 
+/// A slow database (here: another session holding the row's lock for longer than the request
+/// timeout) gets 503s, and a 503 always means "not counted": neither an access that waited in the
+/// queue behind a slow commit nor a commit the batcher gave up on may be stored afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_database_503s_are_never_counted() {
+    use sqlx::Connection;
+    let database = TestDatabase::create().await;
+    let app = TestApp::spawn(settings(database.settings(), None)).await; // request timeout 3 s
+    assert_eq!(app.get_json("/").await.1["access_count"], 1);
+
+    let mut lock_holder = sqlx::PgConnection::connect(&database.url).await.expect("connect");
+    sqlx::query("BEGIN").execute(&mut lock_holder).await.expect("begin");
+    sqlx::query("SELECT access_count FROM endpoint_access WHERE endpoint = '/' FOR UPDATE")
+        .fetch_one(&mut lock_holder)
+        .await
+        .expect("lock the row of /");
+    let lock_held = Duration::from_secs(5);
+    let load_until = Instant::now() + lock_held + Duration::from_secs(2);
+    let address = app.address.clone();
+    let load = tokio::spawn(async move {
+        let client = client();
+        let clients = (0..16).map(|_| {
+            let (client, url) = (client.clone(), format!("{address}/"));
+            async move {
+                let mut answers = Vec::new();
+                while Instant::now() < load_until {
+                    let started = Instant::now();
+                    let answer = match client.get(&url).send().await {
+                        Ok(response) => {
+                            let status = response.status().as_u16();
+                            let body: Option<serde_json::Value> = response.json().await.ok();
+                            (status, body.and_then(|b| b["access_count"].as_i64()))
+                        }
+                        Err(_) => (0, None),
+                    };
+                    answers.push((answer, started.elapsed()));
+                }
+                answers
+            }
+        });
+        futures_util::future::join_all(clients).await.into_iter().flatten().collect::<Vec<_>>()
+    });
+    tokio::time::sleep(lock_held).await;
+    sqlx::query("ROLLBACK").execute(&mut lock_holder).await.expect("release the lock");
+    let answers = load.await.expect("load task");
+    // Let anything the database might still be doing on the service's behalf finish.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let unavailable = answers.iter().filter(|((status, _), _)| *status == 503).count();
+    let mut counted: Vec<i64> =
+        answers.iter().filter(|((status, _), _)| *status == 200).filter_map(|((_, c), _)| *c).collect();
+    let other: Vec<_> = answers.iter().filter(|((status, _), _)| *status != 200 && *status != 503).collect();
+    assert!(other.is_empty(), "answers other than 200 and 503: {other:?}");
+    assert!(unavailable > 0, "the lock did not slow anything down: no 503");
+    assert!(counted.len() > 16, "counting did not resume after the lock ({} answers of 200)", counted.len());
+    let slowest = answers.iter().map(|(_, took)| *took).max().unwrap_or_default();
+    assert!(slowest < Duration::from_secs(4), "an answer took {slowest:?} (request timeout 3 s)");
+    let stored = database.stored_counts().await.get("/").copied().unwrap_or(0);
+    counted.push(1);
+    counted.sort_unstable();
+    let never_answered: Vec<i64> =
+        (1..=stored).filter(|value| counted.binary_search(value).is_err()).take(10).collect();
+    assert!(
+        counted.len() == usize::try_from(stored).unwrap_or(0) && never_answered.is_empty(),
+        "stored count {stored} against {} answers of 200 ({unavailable} answers of 503); stored but never \
+         answered with 200, e.g. {never_answered:?}",
+        counted.len()
+    );
+    app.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_outage_keeps_counting_exact_and_flags_the_windows() {
     let database = TestDatabase::create().await;
@@ -230,6 +301,50 @@ async fn redis_outage_keeps_counting_exact_and_flags_the_windows() {
     assert!(ready["checks"]["redis"].as_str().unwrap_or("").starts_with("degraded"), "{ready}");
     let metrics = app.get("/metrics").await.text().await.expect("metrics");
     assert!(metrics.contains("endpoint_stats_redis_available 0"), "redis gauge not 0");
+    app.shutdown().await;
+}
+
+/// A Redis that accepts connections and never answers (hung, or its packets dropped) must not hold
+/// up readiness or the listing: with many probes at once, each one still answers promptly, ready,
+/// with Redis reported degraded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_answers_promptly_while_redis_hangs() {
+    let hung_redis = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let hung_url = format!("redis://127.0.0.1:{}", hung_redis.local_addr().expect("address").port());
+    let holder = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((connection, _)) = hung_redis.accept().await {
+            held.push(connection);
+        }
+    });
+    let database = TestDatabase::create().await;
+    let prefix = TestRedisPrefix::new(&hung_url);
+    let app = TestApp::spawn(settings(database.settings(), Some(prefix.settings()))).await;
+
+    let probes = (0..12).map(|i| {
+        let (client, address) = (app.client.clone(), app.address.clone());
+        async move {
+            let path = if i % 2 == 0 { "/ready" } else { "/api/v1/endpoints" };
+            let started = Instant::now();
+            let response = client.get(format!("{address}{path}")).send().await.expect("request");
+            let status = response.status().as_u16();
+            let body: serde_json::Value = response.json().await.expect("JSON body");
+            (path, status, body, started.elapsed())
+        }
+    });
+    for (path, status, body, took) in futures_util::future::join_all(probes).await {
+        assert_eq!(status, 200, "{path} while Redis hangs: {body}");
+        assert!(
+            took < Duration::from_millis(2500),
+            "{path} took {took:?} while Redis hangs (limit 1 s per Redis operation)"
+        );
+        if path == "/ready" {
+            assert!(body["checks"]["redis"].as_str().unwrap_or("").starts_with("degraded"), "{body}");
+        } else {
+            assert_eq!(body["windows"]["available"], false, "{body}");
+        }
+    }
+    holder.abort();
     app.shutdown().await;
 }
 

@@ -99,3 +99,25 @@ async fn a_damaged_dump_is_not_restored() {
     assert!(output.error_line().contains("the database is unchanged"), "{}", output.stderr);
     assert_eq!(db.stored_counts().await, before, "single transaction: nothing half-restored");
 }
+
+#[tokio::test]
+async fn restore_latest_skips_a_newer_incomplete_dump() {
+    let db = TestDatabase::create().await;
+    let app = TestApp::spawn(settings(db.settings(), None)).await;
+    seed_via_api(&app, 3, 1, 0).await;
+    app.shutdown().await;
+    let at_backup = db.stored_counts().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    backup(&db.url, dir.path()).await.assert_success("backup");
+    // A newer dump without its checksum and manifest, as a backup that died half-way leaves it.
+    let incomplete = fake_dump(dir.path(), chrono::Utc::now() + chrono::Duration::hours(1), false);
+    let app = TestApp::spawn(settings(db.settings(), None)).await;
+    seed_via_api(&app, 2, 0, 0).await;
+    app.shutdown().await;
+
+    let output =
+        run_bin(&["restore", "--latest", "--dir", path_str(dir.path()), "--yes"], &[("DATABASE_URL", &db.url)]).await;
+    output.assert_success("restore --latest with a newer incomplete dump");
+    assert!(output.stdout.contains(&format!("skipping newer {incomplete}")), "{}", output.stdout);
+    assert_eq!(db.stored_counts().await, at_backup, "the good dump was restored");
+}

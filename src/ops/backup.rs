@@ -18,8 +18,8 @@ use chrono::{DateTime, Utc};
 use sqlx::Connection;
 
 use super::dumps::{
-    checksum_line, dump_file_name, list_dumps, list_leftovers, partial_name, sha256_file, Manifest, ToolInfo,
-    MANIFEST_FORMAT,
+    checksum_line, dump_file_name, list_dumps, list_leftovers, newest_good, partial_name, sha256_file, Manifest,
+    ToolInfo, MANIFEST_FORMAT,
 };
 use super::pg::{find_tool, inventory, run_tool, tool_version, PgTarget};
 use super::{interrupted, seconds, PendingFiles};
@@ -228,7 +228,7 @@ async fn sync_dir(dir: &Path) -> anyhow::Result<()> {
 /// unfinished files of crashed runs, once old enough. Returns the dumps removed.
 pub fn prune(dir: &Path, retention: chrono::Duration, now: DateTime<Utc>) -> anyhow::Result<Vec<String>> {
     let dumps = list_dumps(dir)?;
-    let newest_good = dumps.iter().rev().find(|d| d.is_good()).map(|d| d.name.clone());
+    let newest_good = newest_good(&dumps).map(|(dump, _)| dump.name.clone());
     let cutoff = now - retention;
     let mut removed = Vec::new();
     let mut failures = Vec::new();

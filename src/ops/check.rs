@@ -14,7 +14,7 @@ use futures_util::future::{join_all, BoxFuture, FutureExt};
 use serde::Serialize;
 use serde_json::Value;
 
-use super::dumps::list_dumps;
+use super::dumps::{list_dumps, newest_good};
 use crate::config::{DatabaseSettings, DatabaseUrl};
 use crate::store::Database;
 
@@ -294,7 +294,8 @@ async fn probe_alerts(http: reqwest::Client, base: String) -> Result<String, Str
     summarize_alerts(&body)
 }
 
-/// Firing alerts other than Watchdog fail the check; Watchdog proves the pipeline.
+/// Firing alerts other than Watchdog fail the check, and so does a missing Watchdog: it always
+/// fires while the rules are loaded and evaluated, so without it no other alert could fire either.
 fn summarize_alerts(body: &Value) -> Result<String, String> {
     let alerts = body["data"]["alerts"].as_array().ok_or("no data.alerts in the answer")?;
     let mut firing = Vec::new();
@@ -319,8 +320,10 @@ fn summarize_alerts(body: &Value) -> Result<String, String> {
     firing.sort();
     firing.dedup();
     let watchdog_note = if watchdog { "Watchdog firing" } else { "Watchdog NOT firing (alert rules loaded?)" };
-    if firing.is_empty() {
+    if firing.is_empty() && watchdog {
         Ok(format!("no firing alert; {watchdog_note}; {pending} pending"))
+    } else if firing.is_empty() {
+        Err(format!("no firing alert, but {watchdog_note}: no alert could fire; {pending} pending"))
     } else {
         Err(format!("{} firing: {}; {watchdog_note}", firing.len(), firing.join(", ")))
     }
@@ -344,7 +347,7 @@ async fn probe_backup(dir: PathBuf, max_age: chrono::Duration) -> Result<String,
 
 fn newest_backup_age(dir: &Path, max_age: chrono::Duration, now: chrono::DateTime<Utc>) -> Result<String, String> {
     let dumps = list_dumps(dir).map_err(|e| format!("{e:#}"))?;
-    let Some(newest) = dumps.iter().rev().find(|d| d.is_good()) else {
+    let Some((newest, newer_incomplete)) = newest_good(&dumps) else {
         return Err(match dumps.last() {
             Some(d) => format!("no complete backup in {} ({} lacks its checksum or manifest)", dir.display(), d.name),
             None => format!("no backup in {}", dir.display()),
@@ -353,10 +356,8 @@ fn newest_backup_age(dir: &Path, max_age: chrono::Duration, now: chrono::DateTim
     let time = newest.time.ok_or("dump without a time in its name")?;
     let age = now - time;
     let hours = age.num_minutes() as f64 / 60.0;
-    let incomplete_newer = dumps
-        .last()
-        .filter(|d| d.name != newest.name)
-        .map_or(String::new(), |d| format!("; newer {} is incomplete", d.name));
+    let incomplete_newer =
+        newer_incomplete.last().map_or(String::new(), |d| format!("; newer {} is incomplete", d.name));
     if age > max_age {
         Err(format!(
             "newest backup {} is {hours:.1} h old (limit {} h){incomplete_newer}",
@@ -439,6 +440,14 @@ mod tests {
         let error = summarize_alerts(&json!({"data": {"alerts": [watchdog, firing, pending]}})).expect_err("firing");
         assert!(error.contains("HighErrorRate (critical)"), "{error}");
         assert!(!error.contains("SlowResponseTime"), "{error}");
+    }
+
+    #[test]
+    fn no_watchdog_fails_the_check() {
+        let pending = json!({"labels": {"alertname": "SlowResponseTime"}, "state": "pending"});
+        let error = summarize_alerts(&json!({"data": {"alerts": [pending]}})).expect_err("no Watchdog");
+        assert!(error.contains("Watchdog NOT firing"), "{error}");
+        assert!(summarize_alerts(&json!({"data": {"alerts": []}})).is_err());
     }
 
     #[test]

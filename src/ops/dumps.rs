@@ -104,6 +104,13 @@ pub fn list_dumps(dir: &Path) -> anyhow::Result<Vec<DumpFile>> {
     Ok(dumps)
 }
 
+/// Of `dumps` (oldest first), the newest with both companion files, and the newer ones without
+/// them: a backup still being written, or one that failed half-way.
+pub fn newest_good(dumps: &[DumpFile]) -> Option<(&DumpFile, &[DumpFile])> {
+    let position = dumps.iter().rposition(DumpFile::is_good)?;
+    Some((&dumps[position], &dumps[position + 1..]))
+}
+
 pub fn newest_dump(dir: &Path) -> anyhow::Result<DumpFile> {
     list_dumps(dir)?.pop().with_context(|| {
         format!("no backup in {}: no file named {DUMP_PREFIX}YYYYMMDDTHHMMSSZ{DUMP_SUFFIX}", dir.display())

@@ -5,14 +5,14 @@
 //! or nothing: a failed restore leaves the database as it was), ANALYZE, and row counts compared
 //! with the manifest.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
 
 use anyhow::Context;
 use sqlx::Connection;
 
-use super::dumps::{check_dump, newest_dump, DumpFile};
+use super::dumps::{check_dump, list_dumps, newest_good, DumpFile};
 use super::pg::{compare, find_tool, inventory, quote_table, run_tool, user_tables, PgTarget};
 use super::seconds;
 use crate::config::DatabaseArgs;
@@ -57,7 +57,7 @@ pub async fn run(args: RestoreArgs) -> anyhow::Result<ExitCode> {
             (DumpFile::from_path(file)?, format!("endpoint-stats restore --from {} --yes", file.display()))
         }
         (None, Some(dir)) => {
-            (newest_dump(dir)?, format!("endpoint-stats restore --latest --dir {} --yes", dir.display()))
+            (newest_good_dump(dir)?, format!("endpoint-stats restore --latest --dir {} --yes", dir.display()))
         }
         (None, None) => anyhow::bail!("give --from FILE or --latest --dir DIR"),
     };
@@ -128,4 +128,21 @@ pub async fn run(args: RestoreArgs) -> anyhow::Result<ExitCode> {
         manifest.database
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// `--latest`: the newest dump with its checksum and manifest. Newer ones without them (a backup
+/// still running, or one that died half-way) are skipped, and named, rather than failing a
+/// disaster recovery that has a good dump to restore.
+fn newest_good_dump(dir: &Path) -> anyhow::Result<DumpFile> {
+    let dumps = list_dumps(dir)?;
+    let Some((newest, newer_incomplete)) = newest_good(&dumps) else {
+        anyhow::bail!(match dumps.last() {
+            Some(d) => format!("no complete backup in {}: {} lacks its checksum or manifest", dir.display(), d.name),
+            None => format!("no backup in {}", dir.display()),
+        });
+    };
+    for skipped in newer_incomplete {
+        println!("restore: skipping newer {}: no checksum or manifest beside it", skipped.name);
+    }
+    Ok(newest.clone())
 }

@@ -6,10 +6,15 @@
 //! it, and the accesses get the consecutive values that end at the new count. So every value a
 //! client sees is committed before it is sent, values are unique, and throughput grows with
 //! concurrency instead of being bound by one commit per request.
+//!
+//! A 503 must mean "not counted". Each access carries the deadline of its request, and the time it
+//! has left decides whether it may still join a commit; the database itself cancels a commit that
+//! runs too long. See [`CommitLimits`].
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
@@ -22,7 +27,8 @@ use crate::windows::Windows;
 
 /// Upper bound of accesses in one commit; bounds the statement and the latency of one batch.
 const MAX_BATCH: usize = 4096;
-/// Accesses that may wait for a batch before senders are slowed down (backpressure).
+/// Accesses that may wait for a batch; beyond that a request is answered 503 at once (load
+/// shedding) instead of queueing for longer than it could wait.
 const QUEUE_CAPACITY: usize = 65_536;
 
 /// A counted access, committed.
@@ -37,7 +43,33 @@ pub struct Access {
 struct PendingAccess {
     endpoint: CountedEndpoint,
     wants_snapshot: bool,
+    /// When the request's timeout runs out.
+    deadline: Instant,
     reply: oneshot::Sender<Result<Access, StoreError>>,
+}
+
+/// How a request's timeout `T` is shared out, so that every request is answered within `T` and a
+/// 503 never goes to an access that ends up stored:
+///
+/// - The database cancels a commit statement still running after `statement_timeout` (0.3 T), for
+///   example one waiting for a row lock. A cancelled statement rolls back, so the batch's 503 is
+///   true, and a statement the batcher stopped waiting for cannot commit later behind its back.
+/// - The batcher stops waiting for a commit after `commit_limit` (0.45 T). That only happens when
+///   the connection is lost or hangs, the one case where the outcome is unknown (see
+///   docs/operations/tuning.md); the connection is then closed.
+/// - An access joins a commit only while it has at least `commit_limit` left; otherwise it is
+///   answered 503 uncounted. An access waits in the queue for at most one commit (≤ 0.45 T), so it
+///   normally still has 0.55 T when its turn comes.
+#[derive(Debug, Clone, Copy)]
+pub struct CommitLimits {
+    pub statement_timeout: Duration,
+    pub commit_limit: Duration,
+}
+
+impl CommitLimits {
+    pub fn for_request_timeout(request_timeout: Duration) -> Self {
+        Self { statement_timeout: request_timeout.mul_f64(0.3), commit_limit: request_timeout.mul_f64(0.45) }
+    }
 }
 
 /// The handle request handlers use to count. Cheap to clone.
@@ -56,24 +88,22 @@ impl AccessCounter {
         request_timeout: Duration,
     ) -> (Self, JoinHandle<()>) {
         let (sender, receiver) = mpsc::channel(QUEUE_CAPACITY);
-        // A commit must give up before the client does, so that a client never gets a 503 for an
-        // access that was committed after all.
-        let commit_timeout = request_timeout.mul_f64(0.8);
-        let task = tokio::spawn(run(receiver, database, windows, metrics, commit_timeout));
+        let limits = CommitLimits::for_request_timeout(request_timeout);
+        let task = tokio::spawn(run(receiver, database, windows, metrics, limits));
         (Self { sender, request_timeout }, task)
     }
 
-    /// Counts one access and returns its committed count.
+    /// Counts one access and returns its committed count. The batcher answers every access it
+    /// takes by the access's deadline (see [`CommitLimits`]), so no timer runs per request.
     pub async fn record(&self, endpoint: CountedEndpoint, wants_snapshot: bool) -> Result<Access, StoreError> {
         let (reply, answer) = oneshot::channel();
-        let pending = PendingAccess { endpoint, wants_snapshot, reply };
-        let exchange = async {
-            self.sender.send(pending).await.map_err(|_| StoreError::ShuttingDown)?;
-            answer.await.map_err(|_| StoreError::ShuttingDown)?
-        };
-        tokio::time::timeout(self.request_timeout, exchange)
-            .await
-            .map_err(|_| StoreError::Timeout(self.request_timeout))?
+        let deadline = Instant::now() + self.request_timeout;
+        let pending = PendingAccess { endpoint, wants_snapshot, deadline, reply };
+        self.sender.try_send(pending).map_err(|error| match error {
+            TrySendError::Full(_) => StoreError::Overloaded(QUEUE_CAPACITY),
+            TrySendError::Closed(_) => StoreError::ShuttingDown,
+        })?;
+        answer.await.map_err(|_| StoreError::ShuttingDown)?
     }
 }
 
@@ -82,9 +112,9 @@ async fn run(
     database: Database,
     windows: Windows,
     metrics: Metrics,
-    commit_timeout: Duration,
+    limits: CommitLimits,
 ) {
-    let context = CommitContext { database, windows, metrics, commit_timeout };
+    let context = CommitContext { database, windows, metrics, limits };
     let mut connection = None;
     let mut batch = Vec::with_capacity(64);
     // One commit at a time: the accesses that arrive meanwhile form the next batch, which starts as
@@ -100,15 +130,31 @@ struct CommitContext {
     database: Database,
     windows: Windows,
     metrics: Metrics,
-    commit_timeout: Duration,
+    limits: CommitLimits,
 }
 
 async fn commit(batch: &mut Vec<PendingAccess>, held: &mut Option<CommitConnection>, context: &CommitContext) {
-    let CommitContext { database, metrics, commit_timeout, .. } = context;
-    let commit_timeout = *commit_timeout;
-    // A client that gave up (timeout, disconnect) is not counted: its access would be stored
-    // without a 200 response to match it.
-    batch.retain(|pending| !pending.reply.is_closed());
+    let CommitContext { database, metrics, limits, .. } = context;
+    let CommitLimits { statement_timeout, commit_limit } = *limits;
+    // A client that gave up (disconnect) is not counted: its access would be stored without a 200
+    // response to match it. Nor is an access with too little time left for a commit.
+    let join_by = Instant::now() + commit_limit;
+    let mut expired = 0;
+    let mut index = 0;
+    while index < batch.len() {
+        if batch[index].reply.is_closed() {
+            batch.swap_remove(index);
+        } else if batch[index].deadline < join_by {
+            let late = batch.swap_remove(index);
+            let _ = late.reply.send(Err(StoreError::Timeout(commit_limit)));
+            expired += 1;
+        } else {
+            index += 1;
+        }
+    }
+    if expired > 0 {
+        tracing::warn!(accesses = expired, "accesses waited too long for a commit; answered 503, not counted");
+    }
     if batch.is_empty() {
         return;
     }
@@ -123,17 +169,17 @@ async fn commit(batch: &mut Vec<PendingAccess>, held: &mut Option<CommitConnecti
     let attempt = async {
         let connection = match held {
             Some(connection) => connection,
-            None => held.insert(database.commit_connection().await?),
+            None => held.insert(database.commit_connection(statement_timeout).await?),
         };
         connection.commit_batch(&increments, wants_snapshot).await
     };
-    let outcome = tokio::time::timeout(commit_timeout, attempt).await;
+    let outcome = tokio::time::timeout(commit_limit, attempt).await;
     metrics.db_commit_duration.observe(started.elapsed().as_secs_f64());
 
     let failure = match outcome {
         Ok(Ok(committed)) => return answer_batch(batch, committed, &increments, context),
         Ok(Err(error)) => StoreError::from(error),
-        Err(_) => StoreError::Timeout(commit_timeout),
+        Err(_) => StoreError::Timeout(commit_limit),
     };
     // A connection that failed or was abandoned mid-statement is in an unknown state.
     if let Some(connection) = held.take() {

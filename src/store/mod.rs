@@ -87,6 +87,8 @@ pub enum StoreError {
     Unavailable(String),
     #[error("database did not answer within {0:?}")]
     Timeout(Duration),
+    #[error("overloaded: {0} accesses already waiting to be counted")]
+    Overloaded(usize),
     #[error("service is shutting down")]
     ShuttingDown,
 }
@@ -172,10 +174,21 @@ impl Database {
 
     /// The pool connection the batcher keeps across commits, so that a commit is exactly one round
     /// trip: an sqlx pool pings every connection handed back to it, a second round trip per commit.
-    pub async fn commit_connection(&self) -> Result<CommitConnection, sqlx::Error> {
+    /// The database gives up on any statement on it after `statement_timeout`, which rolls the
+    /// statement back (PostgreSQL `statement_timeout`; SQLite `busy_timeout`, its only wait).
+    pub async fn commit_connection(&self, statement_timeout: Duration) -> Result<CommitConnection, sqlx::Error> {
+        let millis = statement_timeout.as_millis().max(1);
         Ok(match self {
-            Self::Postgres(pool) => CommitConnection::Postgres(pool.acquire().await?),
-            Self::Sqlite(pool) => CommitConnection::Sqlite(pool.acquire().await?),
+            Self::Postgres(pool) => {
+                let mut connection = pool.acquire().await?;
+                sqlx::query(&format!("SET statement_timeout = {millis}")).execute(&mut *connection).await?;
+                CommitConnection::Postgres(connection)
+            }
+            Self::Sqlite(pool) => {
+                let mut connection = pool.acquire().await?;
+                sqlx::query(&format!("PRAGMA busy_timeout = {millis}")).execute(&mut *connection).await?;
+                CommitConnection::Sqlite(connection)
+            }
         })
     }
 
