@@ -72,7 +72,13 @@ pub struct DatabaseArgs {
     pub log_format: LogFormat,
 
     /// Log filter (tracing EnvFilter syntax), e.g. `info` or `endpoint_stats=debug`.
-    #[arg(long, env = "RUST_LOG", default_value = "info")]
+    #[arg(
+        long = "rust-log",
+        visible_alias = "log-level",
+        value_name = "FILTER",
+        env = "RUST_LOG",
+        default_value = "info"
+    )]
     pub log_level: String,
 }
 
@@ -293,6 +299,14 @@ mod tests {
     #[test]
     fn sqlite_default_is_accepted() {
         assert!(!DatabaseUrl::parse(DEFAULT_DATABASE_URL).expect("default").is_postgres());
+    }
+
+    #[test]
+    fn rust_log_flag_matches_its_variable() {
+        for flag in ["--rust-log", "--log-level"] {
+            let cli = Cli::try_parse_from(["endpoint-stats", flag, "debug"]).expect(flag);
+            assert_eq!(cli.serve.database.log_level, "debug", "{flag}");
+        }
     }
 
     #[test]

@@ -4,6 +4,7 @@ mod common;
 
 use common::{settings, TestApp, TestDatabase};
 use endpoint_stats::config::{DatabaseSettings, DatabaseUrl};
+use futures_util::stream::{self, StreamExt};
 
 async fn assert_contract(app: &TestApp) {
     // First access to `/` is 1; the first `/stats` after it sees both, including itself.
@@ -120,27 +121,65 @@ async fn contract_on_sqlite() {
     app.shutdown().await;
 }
 
-#[tokio::test]
+/// SPEC §4: a scan of 100,000 random paths, with standard, non-standard and wrong methods, adds
+/// not a single series.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn random_paths_add_no_metric_series() {
     let database = TestDatabase::create().await;
     let app = TestApp::spawn(settings(database.settings(), None)).await;
-    // One unmatched request of each method first: its series exist from then on.
-    let _ = app.get("/warm-up").await;
-    let _ = app.client.delete(format!("{}/warm-up", app.address)).send().await;
-    let series = |text: &str| text.lines().filter(|l| !l.starts_with('#')).count();
+    let purge = reqwest::Method::from_bytes(b"PURGE").expect("extension method");
+    let methods = [reqwest::Method::GET, reqwest::Method::DELETE, purge, reqwest::Method::POST];
+    // Every kind of request once first (404 per method, 405 per method and route template): their
+    // series exist from then on.
+    for method in &methods {
+        let _ = app.client.request(method.clone(), format!("{}/warm-up", app.address)).send().await;
+        if method != reqwest::Method::GET {
+            for route in ["/", "/stats"] {
+                let _ = app.client.request(method.clone(), format!("{}{route}", app.address)).send().await;
+            }
+        }
+    }
+    // A series is a sample line without its value.
+    let series = |text: &str| -> std::collections::BTreeSet<String> {
+        text.lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| l.rsplit_once(' '))
+            .map(|(s, _)| s.to_owned())
+            .collect()
+    };
     // The first scrape records its own series after rendering; count from the second one.
     let _ = app.get("/metrics").await;
     let before = series(&app.get("/metrics").await.text().await.expect("metrics"));
-    let methods = [reqwest::Method::GET, reqwest::Method::DELETE];
-    for i in 0..3000u32 {
-        let path = format!("/{:x}/{}", rand::random::<u64>(), i);
-        let method = methods[(i % 2) as usize].clone();
-        let response = app.client.request(method, format!("{}{path}", app.address)).send().await.expect("request");
-        assert_eq!(response.status().as_u16(), 404);
-    }
+
+    let unexpected: Vec<String> = stream::iter(0..100_000u32)
+        .map(|i| {
+            // A wrong method on a real route every fifth request; any method on a random path
+            // otherwise.
+            let (method, path, expected) = if i % 5 == 4 {
+                let path = if i % 2 == 0 { "/" } else { "/stats" };
+                (methods[1 + i as usize % 3].clone(), path.to_owned(), 405)
+            } else {
+                (methods[i as usize % methods.len()].clone(), format!("/{:x}/{i}", rand::random::<u64>()), 404)
+            };
+            let (client, url) = (app.client.clone(), format!("{}{path}", app.address));
+            async move {
+                match client.request(method.clone(), url).send().await {
+                    Ok(response) if response.status().as_u16() == expected => None,
+                    Ok(response) => Some(format!("{method} {path}: {}", response.status())),
+                    Err(error) => Some(format!("{method} {path}: {error}")),
+                }
+            }
+        })
+        .buffer_unordered(32)
+        .filter_map(|unexpected| async move { unexpected })
+        .collect()
+        .await;
+    assert!(unexpected.is_empty(), "{} unexpected answers, e.g. {:?}", unexpected.len(), unexpected.first());
     let text = app.get("/metrics").await.text().await.expect("metrics");
-    assert_eq!(series(&text), before, "random paths changed the number of series");
+    let added: Vec<String> = series(&text).difference(&before).cloned().collect();
+    assert!(added.is_empty(), "{} series added by random paths and methods, e.g. {:?}", added.len(), added.first());
     assert!(!text.contains("/warm-up"));
-    assert!(database.stored_counts().await.is_empty(), "unknown paths were stored");
+    assert!(text.contains(r#"method="_OTHER""#), "a non-standard method is recorded as _OTHER");
+    assert!(database.stored_counts().await.is_empty(), "unknown paths or wrong methods were stored");
     app.shutdown().await;
 }
