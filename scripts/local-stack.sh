@@ -223,13 +223,18 @@ configure() {
   mkdir -p "$STACK_DIR"/{pids,logs,redis,sink,nginx/tmp,prometheus/data,alertmanager/data,alertmanager/secrets}
   chmod 755 "$STACK_DIR"
 
-  # Slack webhook: the Kubernetes Secret file, here a file with the sink's URL.
-  echo "http://127.0.0.1:$SINK_PORT/services/local/sink" >"$STACK_DIR/alertmanager/secrets/slack-webhook-url"
+  # Slack webhooks, one per channel: the files of the Kubernetes Secret, here each holding a URL
+  # of the sink whose path names the file, so that a post shows which webhook carried it.
+  local webhook
+  while read -r webhook; do
+    echo "http://127.0.0.1:$SINK_PORT/services/local/$webhook" >"$STACK_DIR/alertmanager/secrets/$webhook"
+  done < <(sed -n 's|.*api_url_file: */etc/alertmanager/secrets/\([A-Za-z0-9_.-]*\).*|\1|p' \
+    "$MONITORING/alertmanager/alertmanager.yml" | sort -u)
 
-  # Alertmanager: the repository's alertmanager.yml, api_url_file pointed at that file (and the
+  # Alertmanager: the repository's alertmanager.yml, api_url_file pointed at those files (and the
   # grouping timers shortened with --fast-alerts).
   local am_args=(alertmanager "$MONITORING/alertmanager/alertmanager.yml" "$STACK_DIR/alertmanager/alertmanager.yml"
-    --webhook-file "$STACK_DIR/alertmanager/secrets/slack-webhook-url")
+    --webhook-dir "$STACK_DIR/alertmanager/secrets")
   ((FAST_ALERTS)) && am_args+=(--group-wait "$FAST_GROUP_WAIT" --group-interval "$FAST_GROUP_INTERVAL" --repeat-interval "$FAST_REPEAT_INTERVAL")
   "$PYTHON" "$LOCAL/transform-monitoring.py" "${am_args[@]}" 2>>"$STACK_DIR/logs/configure.log" \
     || { cat "$STACK_DIR/logs/configure.log" >&2; return 1; }

@@ -4,7 +4,8 @@
 #   - enables the metrics-server addon (the HPA needs it: without it its targets read <unknown>)
 #   - builds the service and ops images inside minikube (no registry involved)
 #   - writes the overlay's git-ignored secret files when missing (random passwords; the Slack
-#     webhook from $SLACK_WEBHOOK_URL, or a placeholder: alerts then fail to post, nothing else)
+#     webhook of all three channels from $SLACK_WEBHOOK_URL, or placeholders: alerts then fail to
+#     post, nothing else; edit secrets/alertmanager-slack.env for one webhook per channel)
 #   - kubectl apply -k deploy/kubernetes/overlays/minikube, waits for every workload
 #   - prints the port-forward commands
 #
@@ -74,8 +75,9 @@ if [[ ! -f "$SECRETS/grafana.env" ]]; then
 fi
 if [[ ! -f "$SECRETS/alertmanager-slack.env" ]]; then
   if [[ -n "${SLACK_WEBHOOK_URL:-}" ]]; then
-    log "writing $SECRETS/alertmanager-slack.env from \$SLACK_WEBHOOK_URL"
-    printf 'slack-webhook-url=%s\n' "$SLACK_WEBHOOK_URL" >"$SECRETS/alertmanager-slack.env"
+    log "writing $SECRETS/alertmanager-slack.env from \$SLACK_WEBHOOK_URL (one channel for every receiver)"
+    printf 'slack-webhook-%s=%s\n' incidents "$SLACK_WEBHOOK_URL" monitoring "$SLACK_WEBHOOK_URL" \
+      watchdog "$SLACK_WEBHOOK_URL" >"$SECRETS/alertmanager-slack.env"
   else
     log "SLACK_WEBHOOK_URL not set: writing a placeholder webhook (alerts will not reach Slack)"
     grep -v '^#' "$SECRETS/alertmanager-slack.env.example" >"$SECRETS/alertmanager-slack.env"

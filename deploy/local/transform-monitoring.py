@@ -11,11 +11,11 @@ the stack's state directory (never into the repository) with only these lines ch
       the end-to-end test). Nothing else changes. Used only with `local-stack.sh up --fast-alerts`;
       without it Prometheus loads the rule files from the repository directly.
 
-  alertmanager SRC DST --webhook-file PATH [--group-wait D] [--group-interval D]
-                                           [--repeat-interval D]
-      Every `api_url_file: /etc/alertmanager/secrets/slack-webhook-url` (the Secret mount of the
-      Kubernetes deployment) points to PATH instead, a file in the state directory holding the URL
-      of the local Slack sink. With --fast-alerts the stack also shortens the grouping timers
+  alertmanager SRC DST --webhook-dir DIR [--group-wait D] [--group-interval D]
+                                         [--repeat-interval D]
+      Every `api_url_file: /etc/alertmanager/secrets/NAME` (the Secret mount of the Kubernetes
+      deployment, one webhook per Slack channel) points to DIR/NAME instead, a file in the state
+      directory holding a URL of the local Slack sink. With --fast-alerts the stack also shortens the grouping timers
       (every `group_wait:`, `group_interval:`, `repeat_interval:` line, where the new value is
       shorter). Routes, receivers, channels, templates and inhibitions are untouched.
 
@@ -31,7 +31,7 @@ import argparse
 import re
 import sys
 
-K8S_WEBHOOK_FILE = "/etc/alertmanager/secrets/slack-webhook-url"
+K8S_SECRETS_DIR = "/etc/alertmanager/secrets/"
 
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, "y": 31536000}
 _DURATION = re.compile(r"(\d+)(ms|s|m|h|d|w|y)")
@@ -101,14 +101,16 @@ def transform_rules(args: argparse.Namespace) -> None:
 
 def transform_alertmanager(args: argparse.Namespace) -> None:
     text = open(args.src, encoding="utf-8").read()
-    pattern = re.compile(rf"^(\s*(?:-\s+)?api_url_file:\s*)['\"]?{re.escape(K8S_WEBHOOK_FILE)}['\"]?(\s*(?:#.*)?)$",
-                         re.MULTILINE)
-    out, count = pattern.subn(lambda m: f"{m.group(1)}{args.webhook_file}{m.group(2)}", text)
+    pattern = re.compile(
+        rf"^(\s*(?:-\s+)?api_url_file:\s*)['\"]?{re.escape(K8S_SECRETS_DIR)}([\w.-]+)['\"]?(\s*(?:#.*)?)$",
+        re.MULTILINE)
+    webhook_dir = args.webhook_dir.rstrip("/")
+    out, count = pattern.subn(lambda m: f"{m.group(1)}{webhook_dir}/{m.group(2)}{m.group(3)}", text)
     if count == 0:
-        sys.exit(f"transform-monitoring: no `api_url_file: {K8S_WEBHOOK_FILE}` line in {args.src}: "
+        sys.exit(f"transform-monitoring: no `api_url_file: {K8S_SECRETS_DIR}NAME` line in {args.src}: "
                  "the webhook path substitution does not apply any more")
     changed = {"api_url_file"}
-    notes = [f"api_url_file -> {args.webhook_file} ({count}x)"]
+    notes = [f"api_url_file -> {webhook_dir}/NAME ({count}x)"]
     for key, value in (("group_wait", args.group_wait), ("group_interval", args.group_interval),
                        ("repeat_interval", args.repeat_interval)):
         if value:
@@ -133,7 +135,7 @@ def main() -> None:
     am = sub.add_parser("alertmanager", help="point api_url_file at the local sink's URL file")
     am.add_argument("src")
     am.add_argument("dst")
-    am.add_argument("--webhook-file", required=True)
+    am.add_argument("--webhook-dir", required=True)
     am.add_argument("--group-wait")
     am.add_argument("--group-interval")
     am.add_argument("--repeat-interval")

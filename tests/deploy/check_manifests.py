@@ -125,8 +125,16 @@ def check_objects(r: Report, objs: dict, docs: list[dict], variant: str) -> None
                             f"{kind}/{name} binds ServiceAccount {s.get('namespace')}/{s['name']}, not one of this render")
 
     if ("Secret", "alertmanager-slack") in objs:
-        secret = objs[("Secret", "alertmanager-slack")]
-        r.check("slack-webhook-url" in (secret.get("data") or {}), "Secret alertmanager-slack lacks key slack-webhook-url")
+        # One webhook per Slack channel, each a key of the Secret (a Slack app's webhook decides
+        # the channel, so receivers cannot share one).
+        keys = set(objs[("Secret", "alertmanager-slack")].get("data") or {})
+        am_text = ((objs.get(("ConfigMap", "alertmanager-config")) or {}).get("data") or {}).get("alertmanager.yml") or ""
+        receivers = (yaml.safe_load(am_text) or {}).get("receivers") or []
+        webhooks = [posixpath.basename(str(sc.get("api_url_file") or "")) for rc in receivers for sc in rc.get("slack_configs") or []]
+        r.check(bool(webhooks) and len(set(webhooks)) == len(webhooks),
+                f"every Slack receiver needs a webhook file of its own, alertmanager.yml has {webhooks}")
+        for webhook in webhooks:
+            r.check(webhook in keys, f"Secret alertmanager-slack lacks key {webhook} (it has {sorted(keys)})")
     if ("Secret", "endpoint-stats-db") in objs:
         data = objs[("Secret", "endpoint-stats-db")].get("data") or {}
         for k in ("DATABASE_URL", "POSTGRES_USER", "POSTGRES_PASSWORD", "POSTGRES_DB"):

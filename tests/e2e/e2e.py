@@ -2,10 +2,11 @@
 """Helpers of the end-to-end suite tests/suites/60-e2e-stack.sh (standard library, plus PyYAML
 for the `channel` command).
 
-  channel       which Slack channel an alert of the rules file goes to: its labels from the rules
-                file, the receiver from `amtool config routes test` on alertmanager.yml, the
-                channel from that receiver's slack_configs
-  wait-slack    polls the sink's JSON lines until a FIRING post of an alert in a channel arrives
+  channel       which Slack channel, and which webhook file, an alert of the rules file goes to:
+                its labels from the rules file, the receiver from `amtool config routes test` on
+                alertmanager.yml, channel and api_url_file from that receiver's slack_configs
+  wait-slack    polls the sink's JSON lines until a FIRING post of an alert in a channel arrives,
+                through the expected webhook
   wait-query    polls Prometheus until a query returns data (or the deadline passes)
   dashboard     runs every panel query of a Grafana dashboard against Prometheus, the way Grafana
                 would (template variables resolved through the Prometheus API, $__rate_interval
@@ -112,15 +113,16 @@ def cmd_channel(args: argparse.Namespace) -> int:
         return 1
     receivers = [r.strip() for r in routed.stdout.strip().split(",") if r.strip()]
     config = yaml.safe_load(open(args.alertmanager, encoding="utf-8"))
-    channels = []
+    targets = []  # (channel, webhook file name): a Slack app's webhook decides the channel
     for receiver in config.get("receivers", []):
         if receiver.get("name") in receivers:
-            channels += [s.get("channel") for s in receiver.get("slack_configs") or [] if s.get("channel")]
-    if len(channels) != 1:
-        print(f"alert {args.alert} ({' '.join(pairs)}) routes to {receivers} with Slack channels {channels}: "
-              "expected exactly one", file=sys.stderr)
+            targets += [(s.get("channel"), os.path.basename(str(s.get("api_url_file") or "")))
+                        for s in receiver.get("slack_configs") or [] if s.get("channel")]
+    if len(targets) != 1 or not targets[0][1]:
+        print(f"alert {args.alert} ({' '.join(pairs)}) routes to {receivers} with Slack channels and webhook "
+              f"files {targets}: expected exactly one of each", file=sys.stderr)
         return 1
-    print(channels[0])
+    print(*targets[0])
     return 0
 
 
@@ -164,8 +166,13 @@ def cmd_wait_slack(args: argparse.Namespace) -> int:
                 if channel != args.channel:
                     out("FAIL", f"{args.alert} posted to {channel!r}, expected {args.channel!r} (title {title!r})")
                     return 1
-                out("PASS", f"{args.alert} arrived in {channel} after {time.monotonic() - started:.1f}s "
-                            f"(title {title!r}, received {post.get('received_at')})")
+                # The sink URL of each webhook file ends with the file's name.
+                webhook = str(post.get("path") or "").rsplit("/", 1)[-1]
+                if webhook != args.webhook:
+                    out("FAIL", f"{args.alert} posted through webhook {webhook!r}, expected {args.webhook!r}")
+                    return 1
+                out("PASS", f"{args.alert} arrived in {channel} through webhook {webhook} after "
+                            f"{time.monotonic() - started:.1f}s (title {title!r}, received {post.get('received_at')})")
                 return 0
         if time.monotonic() > deadline:
             seen = [f"{post_texts(p)[0]} {((p.get('body') or {}).get('attachments') or [{}])[0].get('title')}" for p in posts]
@@ -437,6 +444,7 @@ def main() -> int:
     p.add_argument("--since", type=int, default=0, help="ignore the first N posts")
     p.add_argument("--alert", required=True)
     p.add_argument("--channel", required=True)
+    p.add_argument("--webhook", required=True, help="name of the webhook file the post must come through")
     p.add_argument("--timeout", type=float, default=90)
     p.set_defaults(func=cmd_wait_slack)
 

@@ -650,27 +650,36 @@ class SlackSink(http.server.BaseHTTPRequestHandler):
 def cmd_alertmanager_live(args):
     """Run the committed alertmanager.yml for real, with a local Slack sink.
 
-    The copy differs in exactly these points: every api_url_file names a temporary file holding
-    the sink's URL (the committed path stays /etc/alertmanager/secrets/slack-webhook-url), and
-    the root route's group_wait is 1s instead of 30s so the test does not wait.
+    The copy differs in exactly these points: every api_url_file names a temporary file holding a
+    sink URL whose path is the committed file's name (the committed files stay under
+    /etc/alertmanager/secrets/), and the root route's group_wait is 1s instead of 30s so the test
+    does not wait. A Slack app's webhook posts to its own channel whatever `channel:` says, so each
+    channel must have a webhook file of its own, and each post must come through it.
     """
     p = Problems("Alertmanager delivery, templates and inhibition")
     work = tempfile.mkdtemp(prefix="am-live-")
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), SlackSink)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    sink_url = f"http://127.0.0.1:{server.server_address[1]}/slack-webhook"
-    url_file = os.path.join(work, "slack-webhook-url")
-    with open(url_file, "w", encoding="utf-8") as f:
-        f.write(sink_url + "\n")
+    sink_base = f"http://127.0.0.1:{server.server_address[1]}"
     cfg = load_yaml(args.config)
     n_slack = 0
+    webhook_of_channel = {}
     for r in cfg["receivers"]:
         for s in r.get("slack_configs", []):
-            if s.get("api_url_file") != "/etc/alertmanager/secrets/slack-webhook-url" or "api_url" in s:
-                p.add(f"receiver {r['name']}: slack config must use api_url_file "
-                      f"/etc/alertmanager/secrets/slack-webhook-url and no api_url")
+            committed = str(s.get("api_url_file") or "")
+            if not committed.startswith("/etc/alertmanager/secrets/") or "api_url" in s:
+                p.add(f"receiver {r['name']}: slack config must use an api_url_file under "
+                      f"/etc/alertmanager/secrets/ and no api_url")
             if s.get("send_resolved") is not True:
                 p.add(f"receiver {r['name']}: send_resolved is not true")
+            name, channel = os.path.basename(committed), s.get("channel")
+            other_channels_webhooks = {w for c, w in webhook_of_channel.items() if c != channel}
+            if webhook_of_channel.get(channel, name) != name or name in other_channels_webhooks:
+                p.add(f"receiver {r['name']}: channel {channel} and webhook file {name} are not one to one")
+            webhook_of_channel[channel] = name
+            url_file = os.path.join(work, name)
+            with open(url_file, "w", encoding="utf-8") as f:
+                f.write(f"{sink_base}/{name}\n")
             s["api_url_file"] = url_file
             n_slack += 1
     cfg["route"]["group_wait"] = "1s"
@@ -719,9 +728,12 @@ def cmd_alertmanager_live(args):
             wait_for("Slack posts to #incidents, #monitoring and #monitoring-watchdog", channels, 30, log)
             time.sleep(2)  # let anything that should not be there arrive too
             by_channel = {}
-            for _, body in SlackSink.posts:
+            for path, body in SlackSink.posts:
+                channel = body.get("channel")
+                if path.rsplit("/", 1)[-1] != webhook_of_channel.get(channel):
+                    p.add(f"a post to {channel} came through {path}, not webhook {webhook_of_channel.get(channel)}")
                 for att in body.get("attachments", []):
-                    by_channel.setdefault(body.get("channel"), []).append(att)
+                    by_channel.setdefault(channel, []).append(att)
             for ch, atts in sorted(by_channel.items()):
                 for att in atts:
                     print(f"     {ch:22} {att.get('title')}  -> {att.get('title_link')}")
@@ -763,7 +775,7 @@ def cmd_alertmanager_live(args):
     finally:
         server.shutdown()
         shutil.rmtree(work, ignore_errors=True)
-    p.finish(f"{n_slack} Slack configs read the webhook from api_url_file; critical -> #incidents, "
+    p.finish(f"{n_slack} Slack configs read a webhook of their own from api_url_file; critical -> #incidents, "
              f"warning -> #monitoring, Watchdog -> #monitoring-watchdog, with runbook links; "
              f"critical inhibits warning of the same alert and namespace")
 

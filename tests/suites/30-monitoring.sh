@@ -258,6 +258,11 @@ mutate "$AM" "$TMP/bad/inhibit.alertmanager.yml" '/^inhibit_rules:/,/^receivers:
 expect_failure "the live Alertmanager check when critical no longer inhibits warning" \
   "$PY" "$HELPER" alertmanager-live --config "$TMP/bad/inhibit.alertmanager.yml"
 
+mutate "$AM" "$TMP/bad/webhook.alertmanager.yml" 's|(api_url_file: /etc/alertmanager/secrets/)slack-webhook-monitoring$|\1slack-webhook-incidents|' \
+  || fail "could not make the broken copy"
+expect_failure "the live Alertmanager check when #monitoring posts through the #incidents webhook" \
+  "$PY" "$HELPER" alertmanager-live --config "$TMP/bad/webhook.alertmanager.yml"
+
 # --------------------------------------------------------------------------- summary
 section "summary"
 echo "monitoring: $passed checks passed, $failed failed"

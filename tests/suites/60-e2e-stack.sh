@@ -105,10 +105,11 @@ read -r -a REPLICA_URL_LIST <<<"$REPLICA_URLS"
 posts_count() { [[ -f "$SINK_POSTS" ]] && wc -l <"$SINK_POSTS" || echo 0; }
 channel_of() { "${E2E[@]}" channel --rules "$RULES" --alertmanager "$ALERTMANAGER_YML" --alert "$1"; }
 expect_alert() { # expect_alert ALERT SINCE [TIMEOUT]
-  local channel
-  if ! channel="$(channel_of "$1")"; then fail "$1: no Slack channel routed in alertmanager.yml"; return 0; fi
-  record "$1 arrives in $channel" "${E2E[@]}" wait-slack --posts "$SINK_POSTS" --since "$2" \
-    --alert "$1" --channel "$channel" --timeout "${3:-90}"
+  local target channel webhook
+  if ! target="$(channel_of "$1")"; then fail "$1: no Slack channel routed in alertmanager.yml"; return 0; fi
+  read -r channel webhook <<<"$target"
+  record "$1 arrives in $channel through $webhook" "${E2E[@]}" wait-slack --posts "$SINK_POSTS" --since "$2" \
+    --alert "$1" --channel "$channel" --webhook "$webhook" --timeout "${3:-90}"
 }
 all_replicas_ready() {
   local url
