@@ -6,7 +6,7 @@ mod common;
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use common::{client, settings, OwnRedis, Replica, TestApp, TestDatabase, TestRedisPrefix};
+use common::{access_count, client, settings, OwnRedis, Replica, TestApp, TestDatabase, TestRedisPrefix};
 use futures_util::stream::{self, StreamExt};
 
 /// Sends `total` GETs of `path` spread over `addresses`, `concurrency` at a time; returns the
@@ -153,6 +153,42 @@ async fn sigterm_drains_in_flight_requests_and_exits_zero() {
     let mut sorted = ok.clone();
     sorted.sort_unstable();
     assert_eq!(sorted, (1..=stored).collect::<Vec<_>>());
+}
+
+/// SIGTERM ends the process with 0 within the grace period, even when a commit cannot finish (its
+/// row locked by another session) and the request timeout is longer than the grace period.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_exits_zero_within_the_grace_period_even_with_a_stuck_commit() {
+    use sqlx::Connection;
+    let database = TestDatabase::create().await;
+    let env = [("SHUTDOWN_GRACE_SECS", "2"), ("REQUEST_TIMEOUT_SECS", "30")];
+    let mut replica = Replica::start(&database.url, &env).await;
+    assert_eq!(access_count(client().get(format!("{}/", replica.address)).send().await.expect("GET /")).await, 1);
+
+    let mut lock_holder = sqlx::PgConnection::connect(&database.url).await.expect("connect");
+    sqlx::query("BEGIN").execute(&mut lock_holder).await.expect("begin");
+    sqlx::query("SELECT access_count FROM endpoint_access WHERE endpoint = '/' FOR UPDATE")
+        .fetch_one(&mut lock_holder)
+        .await
+        .expect("lock the row of /");
+    let address = replica.address.clone();
+    let stuck = tokio::spawn(async move { burst(&[address], "/", 8, 8).await });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let signalled = Instant::now();
+    replica.signal("TERM");
+    let exit = replica.wait().await;
+    let took = signalled.elapsed();
+    // PostgreSQL notices within its client_connection_check_interval that the commit's client is
+    // gone, and aborts the commit instead of running it once the lock is free.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    sqlx::query("ROLLBACK").execute(&mut lock_holder).await.expect("release the lock");
+    let answers = stuck.await.expect("load task");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(exit, Some(0), "SIGTERM must end the process with status 0");
+    assert!(took < Duration::from_millis(2800), "exit {took:?} after SIGTERM, grace period 2 s");
+    assert!(answers.iter().all(|(status, _)| *status != 200), "a stuck access was answered 200: {answers:?}");
+    assert_eq!(database.stored_counts().await.get("/"), Some(&1), "the abandoned commit ran after all");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -114,6 +114,8 @@ pub fn describe_sqlx_error(error: &sqlx::Error) -> String {
 static POSTGRES_MIGRATIONS: Migrator = sqlx::migrate!("./migrations/postgres");
 static SQLITE_MIGRATIONS: Migrator = sqlx::migrate!("./migrations/sqlite");
 
+const CHECK_CLIENT_CONNECTION: &str = "SET client_connection_check_interval = 500";
+
 /// How long a new connection may take before the database counts as unreachable.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -182,6 +184,12 @@ impl Database {
             Self::Postgres(pool) => {
                 let mut connection = pool.acquire().await?;
                 sqlx::query(&format!("SET statement_timeout = {millis}")).execute(&mut *connection).await?;
+                // PostgreSQL 14+ also aborts a statement whose client has gone (a commit given up
+                // on, a replica shut down) instead of running it to the end unseen. Older servers
+                // lack the setting: it is a safeguard, not a requirement.
+                if let Err(error) = sqlx::query(CHECK_CLIENT_CONNECTION).execute(&mut *connection).await {
+                    tracing::debug!(%error, "client_connection_check_interval not set");
+                }
                 CommitConnection::Postgres(connection)
             }
             Self::Sqlite(pool) => {
