@@ -159,18 +159,12 @@ async fn sigterm_drains_in_flight_requests_and_exits_zero() {
 /// row locked by another session) and the request timeout is longer than the grace period.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_exits_zero_within_the_grace_period_even_with_a_stuck_commit() {
-    use sqlx::Connection;
     let database = TestDatabase::create().await;
     let env = [("SHUTDOWN_GRACE_SECS", "2"), ("REQUEST_TIMEOUT_SECS", "30")];
     let mut replica = Replica::start(&database.url, &env).await;
     assert_eq!(access_count(client().get(format!("{}/", replica.address)).send().await.expect("GET /")).await, 1);
 
-    let mut lock_holder = sqlx::PgConnection::connect(&database.url).await.expect("connect");
-    sqlx::query("BEGIN").execute(&mut lock_holder).await.expect("begin");
-    sqlx::query("SELECT access_count FROM endpoint_access WHERE endpoint = '/' FOR UPDATE")
-        .fetch_one(&mut lock_holder)
-        .await
-        .expect("lock the row of /");
+    let row_lock = database.lock_row("/").await;
     let address = replica.address.clone();
     let stuck = tokio::spawn(async move { burst(&[address], "/", 8, 8).await });
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -182,7 +176,7 @@ async fn sigterm_exits_zero_within_the_grace_period_even_with_a_stuck_commit() {
     // PostgreSQL notices within its client_connection_check_interval that the commit's client is
     // gone, and aborts the commit instead of running it once the lock is free.
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    sqlx::query("ROLLBACK").execute(&mut lock_holder).await.expect("release the lock");
+    row_lock.release().await;
     let answers = stuck.await.expect("load task");
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(exit, Some(0), "SIGTERM must end the process with status 0");
@@ -236,17 +230,11 @@ async fn database_outage_answers_503_quickly_and_recovers_by_itself() {
 /// queue behind a slow commit nor a commit the batcher gave up on may be stored afterwards.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_database_503s_are_never_counted() {
-    use sqlx::Connection;
     let database = TestDatabase::create().await;
     let app = TestApp::spawn(settings(database.settings(), None)).await; // request timeout 3 s
     assert_eq!(app.get_json("/").await.1["access_count"], 1);
 
-    let mut lock_holder = sqlx::PgConnection::connect(&database.url).await.expect("connect");
-    sqlx::query("BEGIN").execute(&mut lock_holder).await.expect("begin");
-    sqlx::query("SELECT access_count FROM endpoint_access WHERE endpoint = '/' FOR UPDATE")
-        .fetch_one(&mut lock_holder)
-        .await
-        .expect("lock the row of /");
+    let row_lock = database.lock_row("/").await;
     let lock_held = Duration::from_secs(5);
     let load_until = Instant::now() + lock_held + Duration::from_secs(2);
     let address = app.address.clone();
@@ -274,7 +262,7 @@ async fn slow_database_503s_are_never_counted() {
         futures_util::future::join_all(clients).await.into_iter().flatten().collect::<Vec<_>>()
     });
     tokio::time::sleep(lock_held).await;
-    sqlx::query("ROLLBACK").execute(&mut lock_holder).await.expect("release the lock");
+    row_lock.release().await;
     let answers = load.await.expect("load task");
     // Let anything the database might still be doing on the service's behalf finish.
     tokio::time::sleep(Duration::from_secs(2)).await;

@@ -68,6 +68,29 @@ impl TestDatabase {
     pub async fn allow_connections(&self) {
         admin_sql(&format!("ALTER DATABASE \"{}\" ALLOW_CONNECTIONS true", self.name)).await;
     }
+
+    /// Another session locks the row of `endpoint` (which must exist) until the lock is released:
+    /// a commit of the service on that row waits, as behind a long transaction in production.
+    pub async fn lock_row(&self, endpoint: &str) -> RowLock {
+        use sqlx::Connection;
+        let mut holder = sqlx::PgConnection::connect(&self.url).await.expect("connect");
+        sqlx::query("BEGIN").execute(&mut holder).await.expect("begin");
+        sqlx::query("SELECT access_count FROM endpoint_access WHERE endpoint = $1 FOR UPDATE")
+            .bind(endpoint)
+            .fetch_one(&mut holder)
+            .await
+            .expect("lock the row");
+        RowLock(holder)
+    }
+}
+
+/// See [`TestDatabase::lock_row`].
+pub struct RowLock(sqlx::PgConnection);
+
+impl RowLock {
+    pub async fn release(mut self) {
+        sqlx::query("ROLLBACK").execute(&mut self.0).await.expect("release the row lock");
+    }
 }
 
 impl Drop for TestDatabase {
