@@ -206,6 +206,12 @@ async fn database_outage_answers_503_quickly_and_recovers_by_itself() {
     let (status, ready) = app.get_json("/ready").await;
     assert_eq!(status, 503, "{ready}");
     assert!(ready["error"].as_str().unwrap_or("").contains("database"), "{ready}");
+    let metrics = app.get("/metrics").await.text().await.expect("metrics");
+    for operation in ["commit", "read"] {
+        let series = format!("endpoint_stats_db_errors_total{{operation=\"{operation}\"}}");
+        let value = metrics.lines().find_map(|l| l.strip_prefix(&series)).and_then(|v| v.trim().parse::<f64>().ok());
+        assert!(value.is_some_and(|v| v >= 1.0), "{series} is {value:?} after failures of the outage");
+    }
     assert_eq!(app.get_json("/health").await.0, 200);
 
     database.allow_connections().await;

@@ -51,11 +51,15 @@ pub async fn health() -> Json<HealthResponse> {
     responses((status = 200, body = ReadyResponse), (status = 503, body = ReadyResponse)))]
 pub async fn ready(State(state): State<SharedState>) -> Response {
     let database = async {
-        match tokio::time::timeout(READY_CHECK_TIMEOUT, state.database.check_ready()).await {
+        let result = match tokio::time::timeout(READY_CHECK_TIMEOUT, state.database.check_ready()).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(error)) => Err(error.to_string()),
             Err(_) => Err(format!("database did not answer within {READY_CHECK_TIMEOUT:?}")),
+        };
+        if result.is_err() {
+            state.metrics.db_errors.with_label_values(&["read"]).inc();
         }
+        result
     };
     let (database, redis) = tokio::join!(database, state.windows.redis_health());
     let shutting_down = state.shutting_down.load(Ordering::Relaxed);
