@@ -55,6 +55,8 @@ REQUIRED_ALERTS = {
     "EndpointStatsDown": "critical",
     "BackupFailed": "critical",
     "BackupTooOld": "warning",
+    "BackupVerificationFailed": "critical",
+    "MaintenanceFailed": "warning",
     "Watchdog": "none",
     "HPAAtMaximum": "warning",
     "VolumeNearlyFull": "warning",
