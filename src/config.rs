@@ -157,6 +157,13 @@ pub struct RedisSettings {
     pub key_prefix: String,
 }
 
+impl RedisSettings {
+    /// The URL with any password masked, for logs and error messages.
+    pub fn shown_url(&self) -> String {
+        Url::parse(&self.url).map_or_else(|_| "(unparsable URL)".to_owned(), |url| redact_url(&url))
+    }
+}
+
 /// A validated database URL. `Debug` and `Display` never show the password.
 #[derive(Clone)]
 pub enum DatabaseUrl {

@@ -49,9 +49,11 @@ impl Application {
             Some(redis) => Windows::redis(redis, metrics.clone()).context("REDIS_URL")?,
             None => Windows::in_process(metrics.clone()),
         };
-        if let Some(Err(error)) = windows.redis_health().await {
-            // Redis only holds the recent-window figures: start degraded rather than not at all.
-            tracing::warn!(%error, "Redis unavailable at start; recent-window figures missing until it returns");
+        if let (Some(redis), Some(Err(error))) = (&settings.redis, windows.redis_health().await) {
+            // A Redis that cannot be reached at start is most often a wrong REDIS_URL, which would
+            // otherwise go unnoticed behind degraded windows (SPEC §5). Once running, an outage
+            // only degrades the windows (§3): counting never waits for Redis.
+            anyhow::bail!("REDIS_URL: cannot use {}: {error}", redis.shown_url());
         }
 
         let listener = TcpListener::bind(settings.listen)

@@ -43,6 +43,15 @@ fn unreachable_database_at_start() {
 }
 
 #[test]
+fn unreachable_redis_at_start() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).unwrap_or(1);
+    let url = format!("redis://:hunter2@127.0.0.1:{port}/0");
+    assert_clear_failure(&[("REDIS_URL", &url)], "REDIS_URL");
+    let (_, _, stderr) = run(&[("REDIS_URL", &url)], &[]);
+    assert!(!stderr.contains("hunter2"), "password leaked: {stderr}");
+}
+
+#[test]
 fn unparsable_redis_url() {
     assert_clear_failure(&[("REDIS_URL", "http://cache:6379")], "REDIS_URL");
     assert_clear_failure(&[("REDIS_URL", "::nonsense")], "REDIS_URL");

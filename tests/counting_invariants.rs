@@ -335,21 +335,24 @@ async fn redis_outage_keeps_counting_exact_and_flags_the_windows() {
 }
 
 /// A Redis that accepts connections and never answers (hung, or its packets dropped) must not hold
-/// up readiness or the listing: with many probes at once, each one still answers promptly, ready,
-/// with Redis reported degraded.
+/// up readiness or the listing: with many probes at once, while every one of them needs a new
+/// connection, each still answers promptly, ready, with Redis reported degraded.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readiness_answers_promptly_while_redis_hangs() {
-    let hung_redis = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let hung_url = format!("redis://127.0.0.1:{}", hung_redis.local_addr().expect("address").port());
+    let mut redis = OwnRedis::start();
+    let database = TestDatabase::create().await;
+    let prefix = TestRedisPrefix::new(&redis.url());
+    let app = TestApp::spawn(settings(database.settings(), Some(prefix.settings()))).await;
+    assert_eq!(app.get_json("/ready").await.1["checks"]["redis"], "ok");
+    // Redis goes away, and in its place something accepts connections and never answers.
+    redis.stop();
+    let hung_redis = tokio::net::TcpListener::bind(("127.0.0.1", redis.port)).await.expect("bind Redis's port");
     let holder = tokio::spawn(async move {
         let mut held = Vec::new();
         while let Ok((connection, _)) = hung_redis.accept().await {
             held.push(connection);
         }
     });
-    let database = TestDatabase::create().await;
-    let prefix = TestRedisPrefix::new(&hung_url);
-    let app = TestApp::spawn(settings(database.settings(), Some(prefix.settings()))).await;
 
     let probes = (0..12).map(|i| {
         let (client, address) = (app.client.clone(), app.address.clone());
