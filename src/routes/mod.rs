@@ -37,20 +37,54 @@ pub struct AppState {
 }
 
 pub fn router(state: AppState) -> Router {
-    let track = || axum::middleware::from_fn_with_state(state.metrics.clone(), track_http);
-    Router::new()
+    let metrics = state.metrics.clone();
+    let routes = Router::new()
         .route("/", get(counting::root))
         .route("/stats", get(counting::stats))
         .route("/api/v1/endpoints", get(counting::endpoints))
         .route("/health", get(probes::health))
         .route("/ready", get(probes::ready))
         .route("/metrics", get(metrics::render))
-        .route("/openapi.json", get(openapi::document))
-        // On matched routes the middleware sees the route template; the fallbacks carry the same
-        // middleware and record the constant `unmatched`, so no request path becomes a label.
+        .route("/openapi.json", get(openapi::document));
+    with_request_layers(routes, metrics).with_state(Arc::new(state))
+}
+
+/// Request metrics and panic handling around `routes`. On matched routes the metrics middleware
+/// sees the route template; the fallbacks carry the same middleware and record the constant
+/// `unmatched`, so no request path becomes a label. The panic handler sits inside the metrics, so
+/// that a handler's panic is counted as the 500 it is answered with.
+fn with_request_layers<S: Clone + Send + Sync + 'static>(routes: Router<S>, metrics: Metrics) -> Router<S> {
+    let track = || axum::middleware::from_fn_with_state(metrics.clone(), track_http);
+    routes
+        .route_layer(CatchPanicLayer::custom(errors::panic_response))
         .route_layer(track())
         .method_not_allowed_fallback(errors::method_not_allowed.layer(track()))
         .fallback(errors::not_found.layer(track()))
-        .layer(CatchPanicLayer::custom(errors::panic_response))
-        .with_state(Arc::new(state))
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::body::Body;
+    use axum::http::{Request, StatusCode};
+    use tower::ServiceExt;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn a_panicking_handler_answers_500_and_is_counted() {
+        let metrics = Metrics::new().expect("metrics");
+        async fn boom() -> &'static str {
+            panic!("handler bug")
+        }
+        let routes: Router = Router::new().route("/boom", get(boom));
+        let app = with_request_layers(routes, metrics.clone());
+        let response =
+            app.oneshot(Request::get("/boom").body(Body::empty()).expect("request")).await.expect("response");
+        assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        let text = metrics.render().expect("render");
+        assert!(
+            text.contains(r#"http_requests_total{method="GET",route="/boom",status="500"} 1"#),
+            "panic not counted:\n{text}"
+        );
+    }
 }
