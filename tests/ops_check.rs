@@ -95,6 +95,25 @@ async fn healthy_system_passes_then_redis_and_a_replica_are_named_when_down() {
     drop(first);
 }
 
+/// `--replicas-dns`: every address of the name is checked as a replica (here `localhost`, one
+/// address; a headless Service in Kubernetes gives one per pod), and a name that does not resolve
+/// fails the check instead of checking nothing.
+#[tokio::test]
+async fn replicas_are_found_through_dns() {
+    let db = TestDatabase::create().await;
+    let replica = Replica::start(&db.url, &[]).await;
+    let by_name = format!("http://localhost:{}", replica.port);
+    let output = run_bin(&["check", "--json", "--replicas-dns", &by_name], &[]).await;
+    output.assert_success("check of the replicas behind a name");
+    assert_status(&output.json(), &format!("replica http://127.0.0.1:{}", replica.port), "ok");
+
+    let output = run_bin(&["check", "--json", "--replicas-dns", "http://no-such-host.invalid:9999"], &[]).await;
+    output.assert_failure("check of a name that does not resolve");
+    let report = output.json();
+    assert_status(&report, "replicas of http://no-such-host.invalid:9999", "failed");
+    drop(replica);
+}
+
 #[tokio::test]
 async fn unconfigured_components_are_skipped() {
     let output = run_bin(&["check", "--json"], &[]).await;

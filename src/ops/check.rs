@@ -4,6 +4,7 @@
 //! Every probe runs concurrently under its own timeout. A component that is not configured is
 //! reported as `skipped`, never as failed, so the same command serves a laptop and a cluster.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -23,6 +24,11 @@ pub struct CheckArgs {
     /// Base URL of a replica (repeat once per replica), e.g. http://10.0.0.7:9999.
     #[arg(long = "url", value_name = "URL", env = "CHECK_URLS", value_delimiter = ',')]
     pub urls: Vec<String>,
+
+    /// Base URL whose host name resolves to every replica, e.g. a headless Service
+    /// (http://endpoint-stats-pods:9999): each address is checked as a replica of its own.
+    #[arg(long = "replicas-dns", value_name = "URL", env = "CHECK_REPLICAS_DNS")]
+    pub replicas_dns: Option<String>,
 
     /// Database of the service; PostgreSQL or SQLite. Skipped when unset.
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
@@ -92,9 +98,17 @@ pub async fn run(args: CheckArgs) -> anyhow::Result<ExitCode> {
         .context("cannot build the HTTP client")?;
     let mut probes: Vec<(String, Option<Probe>)> = Vec::new();
 
-    let urls: Vec<String> =
+    let mut urls: Vec<String> =
         args.urls.iter().map(|u| u.trim().trim_end_matches('/').to_owned()).filter(|u| !u.is_empty()).collect();
-    if urls.is_empty() {
+    if let Some(name_url) = configured(args.replicas_dns.as_deref()) {
+        match replica_urls_of(&name_url).await {
+            Ok(resolved) => urls.extend(resolved),
+            Err(error) => {
+                probes.push((format!("replicas of {name_url}"), Some(futures_util::future::err(error).boxed())));
+            }
+        }
+    }
+    if urls.is_empty() && probes.is_empty() {
         probes.push(("replicas".to_owned(), None));
     }
     for url in urls {
@@ -152,6 +166,29 @@ pub async fn run(args: CheckArgs) -> anyhow::Result<ExitCode> {
         print!("{}", render_table(&report));
     }
     Ok(if report.ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+/// One base URL per address that the host of `name_url` resolves to: behind a headless Service,
+/// one per pod (a plain Service would pick one pod per request and hide the others).
+async fn replica_urls_of(name_url: &str) -> Result<Vec<String>, String> {
+    let url = url::Url::parse(name_url).map_err(|e| format!("--replicas-dns {name_url}: {e}"))?;
+    let host = url.host_str().ok_or_else(|| format!("--replicas-dns {name_url}: no host"))?;
+    let port = url.port_or_known_default().ok_or_else(|| format!("--replicas-dns {name_url}: no port"))?;
+    let addresses: Vec<SocketAddr> = tokio::net::lookup_host((host, port))
+        .await
+        .map_err(|e| format!("--replicas-dns: cannot resolve {host}: {e}"))?
+        .collect();
+    if addresses.is_empty() {
+        return Err(format!("--replicas-dns: {host} resolves to no address: no replica"));
+    }
+    Ok(replica_urls(url.scheme(), addresses))
+}
+
+fn replica_urls(scheme: &str, mut addresses: Vec<SocketAddr>) -> Vec<String> {
+    addresses.sort();
+    addresses.dedup();
+    // SocketAddr displays IPv6 in brackets, as a URL needs it.
+    addresses.into_iter().map(|address| format!("{scheme}://{address}")).collect()
 }
 
 fn configured(value: Option<&str>) -> Option<String> {
@@ -440,6 +477,18 @@ mod tests {
         let error = summarize_alerts(&json!({"data": {"alerts": [watchdog, firing, pending]}})).expect_err("firing");
         assert!(error.contains("HighErrorRate (critical)"), "{error}");
         assert!(!error.contains("SlowResponseTime"), "{error}");
+    }
+
+    #[test]
+    fn every_address_of_a_name_is_a_replica() {
+        let addresses: Vec<SocketAddr> = ["10.0.0.8:9999", "[fd00::7]:9999", "10.0.0.7:9999", "10.0.0.8:9999"]
+            .iter()
+            .map(|a| a.parse().expect("address"))
+            .collect();
+        assert_eq!(
+            replica_urls("http", addresses),
+            ["http://10.0.0.7:9999", "http://10.0.0.8:9999", "http://[fd00::7]:9999"]
+        );
     }
 
     #[test]

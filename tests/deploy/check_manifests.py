@@ -182,9 +182,9 @@ def check_objects(r: Report, objs: dict, docs: list[dict], variant: str) -> None
         "endpoint-stats-backup": ["backup", "--dir", "/backups", "--retention-days", "10"],
         "endpoint-stats-verify-backup": ["verify-backup", "--dir", "/backups"],
         "endpoint-stats-maintenance": ["maintain"],
-        "endpoint-stats-health-check": ["check", "--url", "http://endpoint-stats:9999", "--prometheus", "http://prometheus:9090",
+        "endpoint-stats-health-check": ["check", "--replicas-dns", "http://endpoint-stats-pods:9999", "--prometheus", "http://prometheus:9090",
                                         "--alertmanager", "http://alertmanager:9093", "--backup-dir", "/backups"],
-        "endpoint-stats-deploy-gate": ["check", "--url", "http://endpoint-stats:9999", "--timeout-secs", "5"],
+        "endpoint-stats-deploy-gate": ["check", "--replicas-dns", "http://endpoint-stats-pods:9999", "--timeout-secs", "5"],
     }
     for name, argv in crons.items():
         cj = objs.get(("CronJob", name))
