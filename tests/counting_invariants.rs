@@ -17,20 +17,23 @@ async fn burst(addresses: &[String], path: &str, total: usize, concurrency: usiz
         .map(|i| {
             let url = format!("{}{path}", addresses[i % addresses.len()]);
             let client = client.clone();
-            async move {
-                match client.get(url).send().await {
-                    Ok(response) => {
-                        let status = response.status().as_u16();
-                        let body: Option<serde_json::Value> = response.json().await.ok();
-                        (status, body.and_then(|b| own_access_count(path, &b)))
-                    }
-                    Err(_) => (0, None),
-                }
-            }
+            async move { counted_get(&client, &url, path).await }
         })
         .buffer_unordered(concurrency)
         .collect()
         .await
+}
+
+/// One GET of a counted `path`: its status and own `access_count` (status 0 when the request failed).
+async fn counted_get(client: &reqwest::Client, url: &str, path: &str) -> (u16, Option<i64>) {
+    match client.get(url).send().await {
+        Ok(response) => {
+            let status = response.status().as_u16();
+            let body: Option<serde_json::Value> = response.json().await.ok();
+            (status, body.and_then(|b| own_access_count(path, &b)))
+        }
+        Err(_) => (0, None),
+    }
 }
 
 /// The `access_count` an answer gives for its own access: top level for `/` and `/stats`, in its own
@@ -252,14 +255,7 @@ async fn slow_database_503s_are_never_counted() {
                 let mut answers = Vec::new();
                 while Instant::now() < load_until {
                     let started = Instant::now();
-                    let answer = match client.get(&url).send().await {
-                        Ok(response) => {
-                            let status = response.status().as_u16();
-                            let body: Option<serde_json::Value> = response.json().await.ok();
-                            (status, body.and_then(|b| b["access_count"].as_i64()))
-                        }
-                        Err(_) => (0, None),
-                    };
+                    let answer = counted_get(&client, &url, "/").await;
                     answers.push((answer, started.elapsed()));
                 }
                 answers

@@ -43,17 +43,13 @@ async fn restore_without_yes_refuses_names_the_command_and_touches_nothing() {
 #[tokio::test]
 async fn restore_with_yes_replaces_newer_data_with_the_dump() {
     let db = TestDatabase::create().await;
-    let app = TestApp::spawn(settings(db.settings(), None)).await;
-    seed_via_api(&app, 3, 2, 0).await;
-    app.shutdown().await;
+    count_accesses(&db, 3, 2, 0).await;
     let at_backup = db.stored_counts().await;
     let dir = tempfile::tempdir().expect("tempdir");
     backup(&db.url, dir.path()).await.assert_success("backup");
 
     // After the backup: more accesses and a new endpoint row.
-    let app = TestApp::spawn(settings(db.settings(), None)).await;
-    seed_via_api(&app, 5, 0, 2).await;
-    app.shutdown().await;
+    count_accesses(&db, 5, 0, 2).await;
     assert_ne!(db.stored_counts().await, at_backup);
 
     let dump = single_dump(dir.path());
@@ -66,14 +62,10 @@ async fn restore_with_yes_replaces_newer_data_with_the_dump() {
 #[tokio::test]
 async fn a_damaged_dump_is_not_restored() {
     let db = TestDatabase::create().await;
-    let app = TestApp::spawn(settings(db.settings(), None)).await;
-    seed_via_api(&app, 2, 0, 0).await;
-    app.shutdown().await;
+    count_accesses(&db, 2, 0, 0).await;
     let dir = tempfile::tempdir().expect("tempdir");
     backup(&db.url, dir.path()).await.assert_success("backup");
-    let app = TestApp::spawn(settings(db.settings(), None)).await;
-    seed_via_api(&app, 1, 0, 0).await;
-    app.shutdown().await;
+    count_accesses(&db, 1, 0, 0).await;
     let before = db.stored_counts().await;
 
     // Checksum mismatch: refused before anything is touched.
@@ -103,17 +95,13 @@ async fn a_damaged_dump_is_not_restored() {
 #[tokio::test]
 async fn restore_latest_skips_a_newer_incomplete_dump() {
     let db = TestDatabase::create().await;
-    let app = TestApp::spawn(settings(db.settings(), None)).await;
-    seed_via_api(&app, 3, 1, 0).await;
-    app.shutdown().await;
+    count_accesses(&db, 3, 1, 0).await;
     let at_backup = db.stored_counts().await;
     let dir = tempfile::tempdir().expect("tempdir");
     backup(&db.url, dir.path()).await.assert_success("backup");
     // A newer dump without its checksum and manifest, as a backup that died half-way leaves it.
     let incomplete = fake_dump(dir.path(), chrono::Utc::now() + chrono::Duration::hours(1), false);
-    let app = TestApp::spawn(settings(db.settings(), None)).await;
-    seed_via_api(&app, 2, 0, 0).await;
-    app.shutdown().await;
+    count_accesses(&db, 2, 0, 0).await;
 
     let output =
         run_bin(&["restore", "--latest", "--dir", path_str(dir.path()), "--yes"], &[("DATABASE_URL", &db.url)]).await;

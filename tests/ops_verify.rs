@@ -3,15 +3,13 @@
 mod common;
 mod ops_support;
 
-use common::{settings, TestApp, TestDatabase};
+use common::TestDatabase;
 use ops_support::*;
 
 /// A seeded database and a backup of it in a temp dir.
 async fn backed_up() -> (TestDatabase, tempfile::TempDir) {
     let db = TestDatabase::create().await;
-    let app = TestApp::spawn(settings(db.settings(), None)).await;
-    seed_via_api(&app, 4, 3, 1).await;
-    app.shutdown().await;
+    count_accesses(&db, 4, 3, 1).await;
     insert_synthetic_rows(&db.url, 20_000).await;
     let dir = tempfile::tempdir().expect("tempdir");
     backup(&db.url, dir.path()).await.assert_success("backup");

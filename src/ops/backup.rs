@@ -228,7 +228,7 @@ async fn sync_dir(dir: &Path) -> anyhow::Result<()> {
 /// unfinished files of crashed runs, once old enough. Returns the dumps removed.
 pub fn prune(dir: &Path, retention: chrono::Duration, now: DateTime<Utc>) -> anyhow::Result<Vec<String>> {
     let dumps = list_dumps(dir)?;
-    let newest_good = newest_good(&dumps).map(|(dump, _)| dump.name.clone());
+    let newest_good = newest_good(&dumps, dir).ok().map(|(dump, _)| dump.name.clone());
     let cutoff = now - retention;
     let mut removed = Vec::new();
     let mut failures = Vec::new();

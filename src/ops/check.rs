@@ -384,12 +384,7 @@ async fn probe_backup(dir: PathBuf, max_age: chrono::Duration) -> Result<String,
 
 fn newest_backup_age(dir: &Path, max_age: chrono::Duration, now: chrono::DateTime<Utc>) -> Result<String, String> {
     let dumps = list_dumps(dir).map_err(|e| format!("{e:#}"))?;
-    let Some((newest, newer_incomplete)) = newest_good(&dumps) else {
-        return Err(match dumps.last() {
-            Some(d) => format!("no complete backup in {} ({} lacks its checksum or manifest)", dir.display(), d.name),
-            None => format!("no backup in {}", dir.display()),
-        });
-    };
+    let (newest, newer_incomplete) = newest_good(&dumps, dir)?;
     let time = newest.time.ok_or("dump without a time in its name")?;
     let age = now - time;
     let hours = age.num_minutes() as f64 / 60.0;

@@ -104,11 +104,17 @@ pub fn list_dumps(dir: &Path) -> anyhow::Result<Vec<DumpFile>> {
     Ok(dumps)
 }
 
-/// Of `dumps` (oldest first), the newest with both companion files, and the newer ones without
-/// them: a backup still being written, or one that failed half-way.
-pub fn newest_good(dumps: &[DumpFile]) -> Option<(&DumpFile, &[DumpFile])> {
-    let position = dumps.iter().rposition(DumpFile::is_good)?;
-    Some((&dumps[position], &dumps[position + 1..]))
+/// Of `dumps` (oldest first, as listed from `dir`), the newest with both companion files, and the
+/// newer ones without them: a backup still being written, or one that failed half-way. The error
+/// says why there is none.
+pub fn newest_good<'a>(dumps: &'a [DumpFile], dir: &Path) -> Result<(&'a DumpFile, &'a [DumpFile]), String> {
+    let Some(position) = dumps.iter().rposition(DumpFile::is_good) else {
+        return Err(match dumps.last() {
+            Some(d) => format!("no complete backup in {} ({} lacks its checksum or manifest)", dir.display(), d.name),
+            None => format!("no backup in {}", dir.display()),
+        });
+    };
+    Ok((&dumps[position], &dumps[position + 1..]))
 }
 
 pub fn newest_dump(dir: &Path) -> anyhow::Result<DumpFile> {

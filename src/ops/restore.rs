@@ -135,12 +135,7 @@ pub async fn run(args: RestoreArgs) -> anyhow::Result<ExitCode> {
 /// disaster recovery that has a good dump to restore.
 fn newest_good_dump(dir: &Path) -> anyhow::Result<DumpFile> {
     let dumps = list_dumps(dir)?;
-    let Some((newest, newer_incomplete)) = newest_good(&dumps) else {
-        anyhow::bail!(match dumps.last() {
-            Some(d) => format!("no complete backup in {}: {} lacks its checksum or manifest", dir.display(), d.name),
-            None => format!("no backup in {}", dir.display()),
-        });
-    };
+    let (newest, newer_incomplete) = newest_good(&dumps, dir).map_err(anyhow::Error::msg)?;
     for skipped in newer_incomplete {
         println!("restore: skipping newer {}: no checksum or manifest beside it", skipped.name);
     }

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
-use crate::common::{admin_sql, TestApp};
+use crate::common::{admin_sql, settings, TestApp, TestDatabase};
 
 /// What a run of the binary produced.
 #[derive(Debug)]
@@ -102,6 +102,13 @@ pub fn fake_dump(dir: &Path, time: DateTime<Utc>, good: bool) -> String {
         std::fs::write(dir.join(format!("{name}.manifest.json")), b"{}").expect("write");
     }
     name
+}
+
+/// [`seed_via_api`] on an application of its own over `db`, shut down afterwards.
+pub async fn count_accesses(db: &TestDatabase, root: usize, stats: usize, endpoints: usize) {
+    let app = TestApp::spawn(settings(db.settings(), None)).await;
+    seed_via_api(&app, root, stats, endpoints).await;
+    app.shutdown().await;
 }
 
 /// Counts some accesses through the HTTP API: `root` × `/`, `stats` × `/stats`,
