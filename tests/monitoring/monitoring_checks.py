@@ -8,6 +8,7 @@ with a list of problems on failure. Python 3 standard library plus PyYAML.
   alerts       `alertname severity` per alert, for the shell
   runbooks     every runbook_url anchor is a heading in docs/runbooks
   dashboard    dashboard JSON shape; writes its queries as a rule file for `promtool check rules`
+  kubernetes-panels  the queries only a cluster feeds, as promtool tests over fixture series
   metrics      every metric an alert, a recording rule or a panel reads is a known one
   prometheus-local-config   Kubernetes scrape config -> a copy the Debian Prometheus can load
   prometheus-targets        run Prometheus on that copy, compare discovered targets
@@ -373,6 +374,53 @@ def cmd_dashboard(args):
     non_rows = [x for x in panels if x.get("type") != "row"]
     p.finish(f"valid JSON, title/uid/schemaVersion ok, variables namespace+pod, {len(non_rows)} panels "
              f"each with targets; {n} queries written to {args.rules_out or '(nowhere)'}")
+
+
+def panel_queries(dash):
+    """{"PANEL TITLE/REFID": expr}, the way tests/e2e/e2e.py names a dashboard query."""
+    found = {}
+    for where, expr in dashboard_queries(dash):
+        m = re.fullmatch(r"panel \S+ '(.*)' target (\S+)", where)
+        if m:
+            found[f"{m.group(1)}/{m.group(2)}"] = expr
+    return found
+
+
+def cmd_kubernetes_panels(args):
+    fixture = load_yaml(args.fixture)
+    if args.list:
+        print("\n".join(fixture["panels"]))
+        return
+    p = Problems(f"Kubernetes-only panels of {args.dashboard}")
+    if not args.test_out:
+        p.add("--test-out is required (or --list)")
+        p.finish("")
+    with open(args.dashboard, encoding="utf-8") as f:
+        queries = panel_queries(json.load(f))
+    cases = []
+    for ref, expected in fixture["panels"].items():
+        if ref not in queries:
+            p.add(f"{ref}: no such panel query in the dashboard")
+            continue
+        expr = queries[ref]
+        # Longest names first, so that $pod never eats the start of a longer variable.
+        for var in sorted(fixture["variables"], key=len, reverse=True):
+            value = fixture["variables"][var]
+            expr = expr.replace("${" + var[1:] + "}", value).replace(var, value)
+        left = re.findall(r"\$\{?\w+\}?", expr)
+        if left:
+            p.add(f"{ref}: variables without a value in {args.fixture}: {left}")
+        if not expected:
+            p.add(f"{ref}: no expected samples: the point is to prove the panel shows data")
+        cases.append({"expr": expr, "eval_time": fixture["eval_time"], "exp_samples": expected})
+    test = {
+        "rule_files": [],
+        "evaluation_interval": fixture["interval"],
+        "tests": [{"interval": fixture["interval"], "input_series": fixture["input_series"], "promql_expr_test": cases}],
+    }
+    with open(args.test_out, "w", encoding="utf-8") as f:
+        yaml.safe_dump(test, f, sort_keys=False, width=1000)
+    p.finish(f"{len(cases)} queries taken from the dashboard, written as promtool expression tests to {args.test_out}")
 
 
 # ----------------------------------------------------------------------------------- metrics
@@ -818,6 +866,13 @@ def main():
     s.add_argument("--dashboard", default=DASHBOARD)
     s.add_argument("--rules-out")
     s.set_defaults(fn=cmd_dashboard)
+
+    s = sub.add_parser("kubernetes-panels")
+    s.add_argument("--dashboard", default=DASHBOARD)
+    s.add_argument("--fixture", default=os.path.join(HERE, "fixtures", "kubernetes-panels.yml"))
+    s.add_argument("--test-out", help="the promtool test file to write")
+    s.add_argument("--list", action="store_true", help="print the panel queries the fixture covers, one per line")
+    s.set_defaults(fn=cmd_kubernetes_panels)
 
     s = sub.add_parser("metrics")
     s.add_argument("--rules", default=RULES)

@@ -145,6 +145,11 @@ check "dashboard JSON: title, uid, variables namespace and pod, a target in ever
   "$PY" "$HELPER" dashboard --rules-out "$TMP/dashboard-queries.yml"
 check "every dashboard query (variables substituted) is valid PromQL (promtool check rules)" \
   promtool check rules "$TMP/dashboard-queries.yml"
+kubernetes_panels_test() { # DASHBOARD OUT: the Kubernetes-only queries over exporter-shaped series
+  "$PY" "$HELPER" kubernetes-panels --dashboard "$1" --test-out "$2" && promtool test rules "$2"
+}
+check "panels fed only by kube-state-metrics and cAdvisor show data (promtool, series as the exporters expose them)" \
+  kubernetes_panels_test "$DASHBOARD" "$TMP/kubernetes-panels.test.yml"
 check "Grafana provisioning files are valid YAML with the Prometheus datasource uid" \
   "$PY" -c '
 import sys, yaml
@@ -235,7 +240,15 @@ panel["targets"][0]["expr"] = "sum(rate(http_requests_total{namespace=~\"$namesp
 json.dump(d, open(f"{out}/bad-query.json", "w"))
 panel["targets"][0]["expr"] = "sum by (endpoint) (rate(flask_http_request_total[$__rate_interval]))"
 json.dump(d, open(f"{out}/old-metric.json", "w"))
+panel["targets"] = saved
+memory = next(p for p in d["panels"] if p.get("title") == "Memory per pod vs requests and limits")
+working_set = next(t for t in memory["targets"] if "container_memory_working_set_bytes" in t["expr"])
+assert ', container!="POD"' in working_set["expr"], working_set["expr"]
+working_set["expr"] = working_set["expr"].replace(', container!="POD"', "")
+json.dump(d, open(f"{out}/pause-container.json", "w"))
 EOF
+expect_failure "the Kubernetes panel test when a panel sums the pause container's memory into the pod's" \
+  kubernetes_panels_test "$TMP/bad/pause-container.json" "$TMP/bad/kubernetes-panels.test.yml"
 expect_failure "the dashboard check on a dashboard with a panel without a target" \
   "$PY" "$HELPER" dashboard --dashboard "$TMP/bad/no-target.json"
 "$PY" "$HELPER" dashboard --dashboard "$TMP/bad/bad-query.json" --rules-out "$TMP/bad/dashboard-queries.yml" >/dev/null
