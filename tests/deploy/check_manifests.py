@@ -7,6 +7,7 @@
     subcommands and flags the init container and CronJobs use exist;
   - every container has requests and limits, the restricted security context and a pinned
     image; service account tokens only where needed;
+  - the pods that share a ReadWriteOnce claim are kept on one node;
   - the ConfigMaps generated from the monitoring sources are byte-identical to them, and the
     paths those files name (rule_files, api_url_file, dashboard folder, --config.file) are where
     the manifests mount them; the hosts they name are Services of the render;
@@ -65,6 +66,7 @@ def main() -> int:
     check_service_contract(r, objs, repo)
     check_containers(r, docs)
     check_labels(r, docs)
+    check_shared_rwo_claims(r, docs, objs)
     check_services_resolve(r, docs)
     check_generated_configmaps(r, objs, monitoring)
     check_paths(r, objs, docs)
@@ -371,6 +373,32 @@ def check_labels(r: Report, docs: list[dict]) -> None:
         tpl = pod_template(doc)
         if tpl is not None:
             r.check("app.kubernetes.io/name" in (tpl["metadata"].get("labels") or {}), f"{kind}/{name}'s pods lack app.kubernetes.io/name")
+
+
+def check_shared_rwo_claims(r: Report, docs: list[dict], objs: dict) -> None:
+    """A ReadWriteOnce claim attaches to one node at a time. When the pods of several workloads
+    mount it (the backup, verify and health-check Jobs), a pod started on another node while one
+    of them runs would hang on a multi-attach error; a required pod affinity on the node
+    (topologyKey hostname) to every pod that mounts it, its own kind included, keeps them on one
+    node. The scheduler lets the first of them go anywhere."""
+    users: dict[str, list[tuple[str, dict]]] = {}
+    for doc, tpl in k8slib.workloads(docs):
+        for volume in tpl["spec"].get("volumes") or []:
+            claim = (volume.get("persistentVolumeClaim") or {}).get("claimName")
+            if claim:
+                users.setdefault(claim, []).append(("{}/{}".format(*k8slib.key(doc)), tpl))
+    for claim, mounters in sorted(users.items()):
+        pvc = objs.get(("PersistentVolumeClaim", claim))
+        if pvc is None or set(pvc["spec"].get("accessModes") or []) != {"ReadWriteOnce"} or len(mounters) < 2:
+            continue
+        for where, tpl in mounters:
+            terms = (((tpl["spec"].get("affinity") or {}).get("podAffinity") or {})
+                     .get("requiredDuringSchedulingIgnoredDuringExecution") or [])
+            node_terms = [t for t in terms if t.get("topologyKey") == "kubernetes.io/hostname"]
+            apart = [other for other, other_tpl in mounters
+                     if not any(selects(t.get("labelSelector"), other_tpl["metadata"].get("labels") or {}) for t in node_terms)]
+            r.check(not apart, f"{where} mounts ReadWriteOnce claim {claim} with no required pod affinity on the node "
+                               f"(topologyKey kubernetes.io/hostname) to the pods of {', '.join(apart)}: they may land on two nodes")
 
 
 def check_services_resolve(r: Report, docs: list[dict]) -> None:

@@ -211,10 +211,11 @@ def egress_to_addresses_allowed(policies: list[dict], src: Pod, port: int) -> bo
 
 
 def contract_table(repo_root: Path) -> dict[str, dict[str, str]]:
-    """docs/CONTRACT.md's env var table: ENV -> {flag, default}."""
+    """docs/CONTRACT.md's env var table: ENV -> {flag, default}. A flag cell may name aliases after
+    the flag ("`--rust-log` (alias `--log-level`)")."""
     rows: dict[str, dict[str, str]] = {}
     text = (repo_root / "docs" / "CONTRACT.md").read_text(encoding="utf-8")
-    for m in re.finditer(r"^\|\s*`([A-Z_]+)`\s*\|\s*`(--[a-z-]+)`\s*\|\s*([^|]*)\|", text, re.M):
+    for m in re.finditer(r"^\|\s*`([A-Z_]+)`\s*\|\s*`(--[a-z-]+)`[^|]*\|\s*([^|]*)\|", text, re.M):
         default = m.group(3).strip()
         dm = re.match(r"`([^`]*)`", default)
         rows[m.group(1)] = {"flag": m.group(2), "default": dm.group(1) if dm else ""}

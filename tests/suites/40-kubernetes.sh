@@ -11,7 +11,8 @@
 #   4. cross-checks (tests/deploy/check_manifests.py, check_metrics.py, check_prometheusrule.py):
 #      probes/ports/annotations vs the binary, generated ConfigMaps byte-identical to the
 #      monitoring sources, mount paths, NetworkPolicy flows, restricted security context,
-#      pinned images, metric names read by rules and dashboards
+#      pinned images, pods sharing a ReadWriteOnce claim kept on one node, metric names read by
+#      rules and dashboards
 #   5. hadolint on the Dockerfile, check-jsonschema on .github/workflows/
 # Nothing is written inside the repository.
 set -euo pipefail
@@ -180,6 +181,23 @@ for v in "${VARIANTS[@]}"; do
   step_verbose "cross-checks ${RENDER[$v]}" "$PY" tests/deploy/check_manifests.py "$TMP/$v.yaml" --variant "$v" \
     --repo-root "$REPO_ROOT" --monitoring-dir "$MONITORING"
 done
+# The cross-checks can fail: the base render with the health-check Job's backup-volume affinity gone.
+"$PY" - "$TMP/base.yaml" "$TMP/bad-affinity.yaml" <<'PY'
+import sys, yaml
+docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]
+job = next(d for d in docs if d["kind"] == "CronJob" and d["metadata"]["name"] == "endpoint-stats-health-check")
+del job["spec"]["jobTemplate"]["spec"]["template"]["spec"]["affinity"]
+yaml.safe_dump_all(docs, open(sys.argv[2], "w"))
+PY
+if out="$("$PY" tests/deploy/check_manifests.py "$TMP/bad-affinity.yaml" --variant base --repo-root "$REPO_ROOT" \
+  --monitoring-dir "$MONITORING" 2>&1)"; then
+  bad "cross-checks pass a render whose health-check Job may land on another node than its ReadWriteOnce volume"
+elif grep -q "CronJob/endpoint-stats-health-check mounts ReadWriteOnce claim" <<<"$out"; then
+  ok "cross-checks fail a render whose health-check Job lost the backup-volume affinity: $(grep -m1 'FAIL' <<<"$out" | cut -c1-160)"
+else
+  bad "cross-checks failed the render without the affinity, but not for the affinity"
+  printf '%s\n' "$out" | tail -5 | sed 's/^/     /'
+fi
 step_verbose "metric names read by rules and dashboards have producers" "$PY" tests/deploy/check_metrics.py \
   --repo-root "$REPO_ROOT" --monitoring-dir "$MONITORING"
 step_verbose "scripts/render-prometheusrule.sh wraps the rules file faithfully" "$PY" tests/deploy/check_prometheusrule.py \
