@@ -5,7 +5,10 @@ itself, or one of the exporters/scrape jobs deployed by deploy/kubernetes. The a
 are listed below, explicitly; nothing else is accepted (no node-exporter is deployed, so node_*
 is not accepted, for instance).
 
-Usage: check_metrics.py [--repo-root DIR] [--monitoring-dir DIR]
+kube-state-metrics exposes only the resources of its --resources flag, and lists only what its
+ClusterRole lets it: every kube_<resource>_* metric read must belong to a resource that is both.
+
+Usage: check_metrics.py [--repo-root DIR] [--monitoring-dir DIR] [--ksm-deployment FILE] [--ksm-rbac FILE]
 """
 
 from __future__ import annotations
@@ -36,6 +39,18 @@ EXPORTER_SOURCES = [
     ("kubelet via the API server proxy (job kubernetes-kubelet)", set(), ("kubelet_",)),
 ]
 HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
+
+# kube-state-metrics v2: metric family prefix -> the resource (--resources name, API group)
+KSM_FAMILIES = {
+    "kube_pod_": ("pods", ""), "kube_node_": ("nodes", ""), "kube_namespace_": ("namespaces", ""),
+    "kube_service_": ("services", ""), "kube_persistentvolumeclaim_": ("persistentvolumeclaims", ""),
+    "kube_persistentvolume_": ("persistentvolumes", ""),
+    "kube_deployment_": ("deployments", "apps"), "kube_replicaset_": ("replicasets", "apps"),
+    "kube_statefulset_": ("statefulsets", "apps"), "kube_daemonset_": ("daemonsets", "apps"),
+    "kube_job_": ("jobs", "batch"), "kube_cronjob_": ("cronjobs", "batch"),
+    "kube_horizontalpodautoscaler_": ("horizontalpodautoscalers", "autoscaling"),
+    "kube_poddisruptionbudget_": ("poddisruptionbudgets", "policy"),
+}
 
 KEYWORDS = {"and", "or", "unless", "by", "without", "on", "ignoring", "group_left", "group_right", "offset",
             "bool", "inf", "nan", "Inf", "NaN", "atan2", "start", "end"}
@@ -91,12 +106,41 @@ def grafana_queries(dashboard: dict) -> list[tuple[str, str]]:
     return out
 
 
+def check_kube_state_metrics(r: k8slib.Report, read: set[str], deployment: Path, rbac: Path) -> None:
+    """Every kube_* metric read comes from a resource kube-state-metrics is told to expose and may
+    list and watch; every resource it is told to expose, it may list and watch."""
+    flags = [a for d in yaml.safe_load_all(deployment.read_text(encoding="utf-8")) if d and d.get("kind") == "Deployment"
+             for c in d["spec"]["template"]["spec"]["containers"] for a in c.get("args") or []]
+    exposed = {x for a in flags if a.startswith("--resources=") for x in a.split("=", 1)[1].split(",") if x}
+    r.check(bool(exposed), f"{deployment}: no --resources flag found")
+    granted: set[tuple[str, str]] = set()
+    for d in yaml.safe_load_all(rbac.read_text(encoding="utf-8")):
+        if d and d.get("kind") == "ClusterRole":
+            for rule in d.get("rules") or []:
+                if {"list", "watch"} <= set(rule.get("verbs") or []):
+                    granted |= {(res, g) for res in rule.get("resources") or [] for g in rule.get("apiGroups") or []}
+    families = {res: group for res, group in KSM_FAMILIES.values()}
+    for res in sorted(exposed):
+        r.check((res, families.get(res, "?")) in granted,
+                f"kube-state-metrics exposes {res} (--resources) but its ClusterRole does not let it list and watch them")
+    for name in sorted(n for n in read if n.startswith("kube_")):
+        family = next((f for f in KSM_FAMILIES if name.startswith(f)), None)
+        if not r.check(family is not None, f"{name}: not a kube-state-metrics family this check knows (KSM_FAMILIES)"):
+            continue
+        res, group = KSM_FAMILIES[family]
+        r.check(res in exposed, f"{name} is read, but kube-state-metrics does not expose {res} (--resources in {deployment.name})")
+        r.check((res, group) in granted, f"{name} is read, but kube-state-metrics may not list and watch {res} ({rbac.name})")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repo-root", default=str(Path(__file__).resolve().parents[2]))
     ap.add_argument("--monitoring-dir")
+    ap.add_argument("--ksm-deployment", help="default: REPO/deploy/kubernetes/base/kube-state-metrics/deployment.yaml")
+    ap.add_argument("--ksm-rbac", help="default: REPO/deploy/kubernetes/base/kube-state-metrics/rbac.yaml")
     args = ap.parse_args()
     repo = Path(args.repo_root)
+    ksm = repo / "deploy/kubernetes/base/kube-state-metrics"
     monitoring = Path(args.monitoring_dir) if args.monitoring_dir else repo / "deploy/kubernetes/base/monitoring"
     r = k8slib.Report("metrics")
 
@@ -141,6 +185,8 @@ def main() -> int:
                                         f"(service metrics: docs/CONTRACT.md; exporters: {', '.join(s for s, _, _ in EXPORTER_SOURCES)})")
             if source:
                 by_source.setdefault(source, set()).add(name)
+    check_kube_state_metrics(r, set().union(*by_source.values()) if by_source else set(),
+                             Path(args.ksm_deployment or ksm / "deployment.yaml"), Path(args.ksm_rbac or ksm / "rbac.yaml"))
     for source, names in sorted(by_source.items()):
         print(f"metrics: {source}: {', '.join(sorted(names))}")
     print(f"metrics: {len(exprs)} expressions read")

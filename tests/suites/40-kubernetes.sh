@@ -12,7 +12,7 @@
 #      probes/ports/annotations vs the binary, generated ConfigMaps byte-identical to the
 #      monitoring sources, mount paths, NetworkPolicy flows, restricted security context,
 #      pinned images, pods sharing a ReadWriteOnce claim kept on one node, metric names read by
-#      rules and dashboards
+#      rules and dashboards (kube_* ones exposed by kube-state-metrics and allowed by its RBAC)
 #   5. hadolint on the Dockerfile, check-jsonschema on .github/workflows/
 # Nothing is written inside the repository.
 set -euo pipefail
@@ -200,6 +200,16 @@ else
 fi
 step_verbose "metric names read by rules and dashboards have producers" "$PY" tests/deploy/check_metrics.py \
   --repo-root "$REPO_ROOT" --monitoring-dir "$MONITORING"
+sed 's/horizontalpodautoscalers,//' deploy/kubernetes/base/kube-state-metrics/deployment.yaml >"$TMP/ksm-no-hpa.yaml"
+if out="$("$PY" tests/deploy/check_metrics.py --repo-root "$REPO_ROOT" --monitoring-dir "$MONITORING" \
+  --ksm-deployment "$TMP/ksm-no-hpa.yaml" 2>&1)"; then
+  bad "the metric check passes a kube-state-metrics that no longer exposes the autoscalers the dashboard reads"
+elif grep -q "does not expose horizontalpodautoscalers" <<<"$out"; then
+  ok "the metric check fails a kube-state-metrics without --resources horizontalpodautoscalers: $(grep -m1 FAIL <<<"$out" | cut -c1-140)"
+else
+  bad "the metric check failed without horizontalpodautoscalers, but not for them"
+  printf '%s\n' "$out" | tail -5 | sed 's/^/     /'
+fi
 step_verbose "scripts/render-prometheusrule.sh wraps the rules file faithfully" "$PY" tests/deploy/check_prometheusrule.py \
   --repo-root "$REPO_ROOT"
 
