@@ -3,7 +3,8 @@
 #   scripts/bench.sh [--duration SECONDS] [--rounds N] [--connections N]
 # Measures a bare axum hello-world (bench/hello_baseline.rs, built from this repo) and the
 # service on PostgreSQL: GET / and GET /stats (req/s, p99), resident memory under load, /metrics
-# latency, and lost counts (stored vs answered). The three loads take turns for N rounds, so that
+# latency, lost counts (stored vs answered) and the group commit under GET / (commits/s, mean
+# commit time, accesses per commit). The three loads take turns for N rounds, so that
 # a shared machine's drift hits the baseline and the service alike; each ratio is taken within one
 # round, and the summary gives the median ratio and the worst p99. Nothing is asserted: targets
 # are printed next to the figures for a person to read.
@@ -23,7 +24,7 @@ while (($#)); do
     --duration) duration="$2"; shift 2 ;;
     --rounds) rounds="$2"; shift 2 ;;
     --connections) connections="$2"; shift 2 ;;
-    -h | --help) sed -n '2,10p' "$0"; exit 0 ;;
+    -h | --help) sed -n '2,11p' "$0"; exit 0 ;;
     *) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -73,6 +74,8 @@ errors = re.search(r"Socket errors: (.*)", text)
 print(f"{rps:.0f} {p99:.2f} {total} {int(non2xx.group(1)) if non2xx else 0} {avg:.3f} {'errors' if errors else 'none'}")
 PY
 }
+# "sum count" of a histogram of the service, e.g. endpoint_stats_db_commit_duration_seconds
+histogram() { curl -fs "http://127.0.0.1:$service_port/metrics" | awk -v n="$1" '$1 == n "_sum" {s = $2} $1 == n "_count" {c = $2} END {print s + 0, c + 0}'; }
 stored() { psql "postgres://postgres@127.0.0.1:5432/$database" -tAc "SELECT COALESCE((SELECT access_count FROM endpoint_access WHERE endpoint = '$1'), 0)"; }
 peak_rss_kb() { # samples RSS of a pid for N seconds, prints the peak
   local pid="$1" seconds="$2" peak=0 rss
@@ -101,16 +104,21 @@ run_wrk "http://127.0.0.1:$service_port/" "$connections" "$threads" 2 >/dev/null
 # One line per round: hello_rps hello_p99 root_rps root_p99 root_answered root_stored root_non2xx
 #   stats_rps stats_p99 stats_answered stats_stored stats_non2xx rss_kb socket_errors
 : >"$workdir/rounds"
+: >"$workdir/commits"
 for round in $(seq 1 "$rounds"); do
   echo "round $round/$rounds: hello-world, GET /, GET /stats (${duration}s each, $connections connections)..." >&2
   read -r hello_rps hello_p99 _ _ _ _ < <(run_wrk "http://127.0.0.1:$hello_port/")
 
   before="$(stored /)"
+  read -r commit_s0 commits0 < <(histogram endpoint_stats_db_commit_duration_seconds)
   peak_rss_kb "$service_pid" "$duration" >"$workdir/rss" & sampler=$!
   read -r root_rps root_p99 root_total root_non2xx _ root_errors < <(run_wrk "http://127.0.0.1:$service_port/")
   wait "$sampler"
+  read -r commit_s1 commits1 < <(histogram endpoint_stats_db_commit_duration_seconds)
   sleep 0.5
   root_stored=$(($(stored /) - before))
+  # group commit under GET /: "commits mean_commit_seconds"
+  echo "$commits0 $commits1 $commit_s0 $commit_s1" | awk '{print $2 - $1, ($2 > $1) ? ($4 - $3) / ($2 - $1) : 0}' >>"$workdir/commits"
 
   before="$(stored /stats)"
   read -r stats_rps stats_p99 stats_total stats_non2xx _ stats_errors < <(run_wrk "http://127.0.0.1:$service_port/stats")
@@ -127,9 +135,10 @@ done
 echo "measuring GET /metrics (1 connection)..." >&2
 read -r _ metrics_p99 _ _ metrics_avg _ < <(run_wrk "http://127.0.0.1:$service_port/metrics" 1 1 3)
 
-python3 - "$workdir/rounds" <<PY
+python3 - "$workdir/rounds" "$workdir/commits" <<PY
 import statistics, sys
 rounds = [line.split() for line in open(sys.argv[1]) if line.strip()]
+commits = [tuple(map(float, line.split())) for line in open(sys.argv[2]) if line.strip()]
 f = lambda row, i: float(row[i])
 median = statistics.median
 print(f"\nendpoint-stats benchmark: wrk -t$threads -c$connections, {len(rounds)} rounds of ${duration}s per load, $(nproc) cores")
@@ -155,6 +164,9 @@ rows = [
     ("hello-world baseline", f"{median(f(r, 0) for r in rounds):,.0f} req/s", f"p99 {max(f(r, 1) for r in rounds):.2f} ms", "(median req/s, worst p99)"),
     ("GET / (PostgreSQL)", f"{median(f(r, 2) for r in rounds):,.0f} req/s", f"p99 {max(f(r, 3) for r in rounds):.2f} ms",
      f"ratio {median(root_ratios):.2f} (median of rounds; target >= 0.50, p99 < 10 ms)"),
+    ("GET / group commit", f"{sum(c for c, _ in commits) / ($duration * len(commits)):,.0f} commits/s",
+     f"mean {1000 * sum(c * t for c, t in commits) / max(1, sum(c for c, _ in commits)):.3f} ms",
+     f"{sum(int(r[4]) for r in rounds) / max(1, sum(c for c, _ in commits)):.1f} accesses per commit (docs/operations/tuning.md)"),
     ("GET /stats (PostgreSQL)", f"{median(f(r, 7) for r in rounds):,.0f} req/s", f"p99 {max(f(r, 8) for r in rounds):.2f} ms",
      f"ratio {median(stats_ratios):.2f} (median of rounds; target >= 0.33)"),
     ("GET /metrics", f"avg {$metrics_avg:.3f} ms", f"p99 {$metrics_p99:.2f} ms", "(target well under 1 ms)"),
