@@ -73,9 +73,7 @@ DASHBOARD_VARIABLES = {
     "$__rate_interval": "5m",
     "$__interval": "1m",
     "$__range": "1h",
-    "${namespace}": ".*",
     "$namespace": ".*",
-    "${pod}": ".*",
     "$pod": ".*",
 }
 
@@ -279,9 +277,12 @@ def cmd_rules(args):
 
 # --------------------------------------------------------------------------------- dashboard
 
-def substitute(expr):
-    for var, value in DASHBOARD_VARIABLES.items():
-        expr = expr.replace(var, value)
+def substitute(expr, variables=None):
+    """Grafana's variables ("$name" -> value) in both spellings, $name and ${name}; longest names
+    first, so that $__interval never eats the start of $__interval_ms."""
+    variables = DASHBOARD_VARIABLES if variables is None else variables
+    for var in sorted(variables, key=len, reverse=True):
+        expr = expr.replace("${" + var[1:] + "}", variables[var]).replace(var, variables[var])
     return expr
 
 
@@ -293,6 +294,12 @@ def dashboard_queries(dash):
         m = re.fullmatch(r"\s*label_values\((.*),\s*([a-zA-Z_][a-zA-Z0-9_]*)\s*\)\s*", q, re.S)
         yield f"variable {var.get('name')}", (m.group(1) if m else q)
 
+    for panel, t in panel_targets(dash):
+        yield f"panel {panel.get('id')} '{panel.get('title')}' target {t.get('refId')}", t.get("expr", "")
+
+
+def panel_targets(dash):
+    """(panel, target) for every target of every panel, rows' panels included."""
     def walk(panels):
         for panel in panels:
             yield panel
@@ -300,7 +307,7 @@ def dashboard_queries(dash):
 
     for panel in walk(dash.get("panels", [])):
         for t in panel.get("targets", []) or []:
-            yield f"panel {panel.get('id')} '{panel.get('title')}' target {t.get('refId')}", t.get("expr", "")
+            yield panel, t
 
 
 def cmd_dashboard(args):
@@ -378,12 +385,7 @@ def cmd_dashboard(args):
 
 def panel_queries(dash):
     """{"PANEL TITLE/REFID": expr}, the way tests/e2e/e2e.py names a dashboard query."""
-    found = {}
-    for where, expr in dashboard_queries(dash):
-        m = re.fullmatch(r"panel \S+ '(.*)' target (\S+)", where)
-        if m:
-            found[f"{m.group(1)}/{m.group(2)}"] = expr
-    return found
+    return {f"{panel.get('title')}/{t.get('refId')}": t.get("expr", "") for panel, t in panel_targets(dash)}
 
 
 def cmd_kubernetes_panels(args):
@@ -402,11 +404,7 @@ def cmd_kubernetes_panels(args):
         if ref not in queries:
             p.add(f"{ref}: no such panel query in the dashboard")
             continue
-        expr = queries[ref]
-        # Longest names first, so that $pod never eats the start of a longer variable.
-        for var in sorted(fixture["variables"], key=len, reverse=True):
-            value = fixture["variables"][var]
-            expr = expr.replace("${" + var[1:] + "}", value).replace(var, value)
+        expr = substitute(queries[ref], fixture["variables"])
         left = re.findall(r"\$\{?\w+\}?", expr)
         if left:
             p.add(f"{ref}: variables without a value in {args.fixture}: {left}")

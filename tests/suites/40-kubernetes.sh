@@ -33,6 +33,19 @@ step() {
   shift
   if out="$("$@" 2>&1)"; then ok "$name"; else bad "$name"; printf '%s\n' "$out" | tail -40 | sed 's/^/     /'; fi
 }
+# fails_for NAME REASON CMD...: CMD, run on a broken input, must fail, and name REASON in its output
+fails_for() {
+  local name="$1" reason="$2" out
+  shift 2
+  if out="$("$@" 2>&1)"; then
+    bad "$name: passed, but must fail"
+  elif grep -qF -- "$reason" <<<"$out"; then
+    ok "$name fails as it must: $(grep -m1 FAIL <<<"$out" | cut -c1-140)"
+  else
+    bad "$name: failed, but not for \"$reason\""
+    printf '%s\n' "$out" | tail -5 | sed 's/^/     /'
+  fi
+}
 # step_verbose NAME CMD...: runs CMD, output always shown
 step_verbose() {
   local name="$1"
@@ -189,27 +202,17 @@ job = next(d for d in docs if d["kind"] == "CronJob" and d["metadata"]["name"] =
 del job["spec"]["jobTemplate"]["spec"]["template"]["spec"]["affinity"]
 yaml.safe_dump_all(docs, open(sys.argv[2], "w"))
 PY
-if out="$("$PY" tests/deploy/check_manifests.py "$TMP/bad-affinity.yaml" --variant base --repo-root "$REPO_ROOT" \
-  --monitoring-dir "$MONITORING" 2>&1)"; then
-  bad "cross-checks pass a render whose health-check Job may land on another node than its ReadWriteOnce volume"
-elif grep -q "CronJob/endpoint-stats-health-check mounts ReadWriteOnce claim" <<<"$out"; then
-  ok "cross-checks fail a render whose health-check Job lost the backup-volume affinity: $(grep -m1 'FAIL' <<<"$out" | cut -c1-160)"
-else
-  bad "cross-checks failed the render without the affinity, but not for the affinity"
-  printf '%s\n' "$out" | tail -5 | sed 's/^/     /'
-fi
+fails_for "cross-checks on a render whose health-check Job lost the backup-volume affinity" \
+  "CronJob/endpoint-stats-health-check mounts ReadWriteOnce claim" \
+  "$PY" tests/deploy/check_manifests.py "$TMP/bad-affinity.yaml" --variant base --repo-root "$REPO_ROOT" \
+  --monitoring-dir "$MONITORING"
 step_verbose "metric names read by rules and dashboards have producers" "$PY" tests/deploy/check_metrics.py \
   --repo-root "$REPO_ROOT" --monitoring-dir "$MONITORING"
 sed 's/horizontalpodautoscalers,//' deploy/kubernetes/base/kube-state-metrics/deployment.yaml >"$TMP/ksm-no-hpa.yaml"
-if out="$("$PY" tests/deploy/check_metrics.py --repo-root "$REPO_ROOT" --monitoring-dir "$MONITORING" \
-  --ksm-deployment "$TMP/ksm-no-hpa.yaml" 2>&1)"; then
-  bad "the metric check passes a kube-state-metrics that no longer exposes the autoscalers the dashboard reads"
-elif grep -q "does not expose horizontalpodautoscalers" <<<"$out"; then
-  ok "the metric check fails a kube-state-metrics without --resources horizontalpodautoscalers: $(grep -m1 FAIL <<<"$out" | cut -c1-140)"
-else
-  bad "the metric check failed without horizontalpodautoscalers, but not for them"
-  printf '%s\n' "$out" | tail -5 | sed 's/^/     /'
-fi
+fails_for "the metric check on a kube-state-metrics without --resources horizontalpodautoscalers" \
+  "does not expose horizontalpodautoscalers" \
+  "$PY" tests/deploy/check_metrics.py --repo-root "$REPO_ROOT" --monitoring-dir "$MONITORING" \
+  --ksm-deployment "$TMP/ksm-no-hpa.yaml"
 step_verbose "scripts/render-prometheusrule.sh wraps the rules file faithfully" "$PY" tests/deploy/check_prometheusrule.py \
   --repo-root "$REPO_ROOT"
 
