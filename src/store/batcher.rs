@@ -123,6 +123,9 @@ async fn run(
     while receiver.recv_many(&mut batch, MAX_BATCH).await > 0 {
         commit(&mut batch, &mut connection, &context).await;
     }
+    if let Some(connection) = connection {
+        connection.close().await;
+    }
     tracing::debug!("access batcher stopped: every access answered");
 }
 

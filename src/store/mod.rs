@@ -252,6 +252,19 @@ impl CommitConnection {
         }
     }
 
+    /// Closes the connection when the batcher ends. Handed back to the pool instead, it would be
+    /// pinged on its way and could miss the pool's close at shutdown and stay open; for SQLite
+    /// that leaves the WAL file behind, un-checkpointed.
+    pub async fn close(self) {
+        let closed = match self {
+            Self::Postgres(connection) => connection.close().await,
+            Self::Sqlite(connection) => connection.close().await,
+        };
+        if let Err(error) = closed {
+            tracing::debug!(%error, "commit connection did not close cleanly");
+        }
+    }
+
     /// Closes the connection instead of returning it to the pool: after a failed or abandoned
     /// commit its state is unknown.
     pub fn discard(self) {
