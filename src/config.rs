@@ -133,6 +133,20 @@ pub struct ServeArgs {
     /// Time allowed after SIGTERM to drain in-flight requests and flush.
     #[arg(long, env = "SHUTDOWN_GRACE_SECS", default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub shutdown_grace_secs: u64,
+
+    /// Time a client has to send a request's headers, from their first byte; then 408 and close.
+    #[arg(long, env = "HEADER_READ_TIMEOUT_SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=300))]
+    pub header_read_timeout_secs: u64,
+
+    /// Time a keep-alive connection may stay quiet between requests before it is closed. Keep it
+    /// above the idle timeout of any proxy that pools connections to the service.
+    #[arg(long, env = "IDLE_TIMEOUT_SECS", default_value_t = 75, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub idle_timeout_secs: u64,
+
+    /// Open client connections at most (lowered to fit the open-file limit); at the cap the
+    /// longest-idle connection is closed to admit a new one.
+    #[arg(long, env = "MAX_CONNECTIONS", default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub max_connections: u64,
 }
 
 /// What `serve` runs with, after validation.
@@ -143,6 +157,15 @@ pub struct Settings {
     pub listen: SocketAddr,
     pub request_timeout: Duration,
     pub shutdown_grace: Duration,
+    pub connections: ConnectionLimits,
+}
+
+/// Limits on client connections; enforced by `crate::server`, which documents them.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectionLimits {
+    pub header_read_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub max_connections: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -270,6 +293,11 @@ impl ServeArgs {
             listen: SocketAddr::new(self.bind, self.port),
             request_timeout: Duration::from_secs(self.request_timeout_secs),
             shutdown_grace: Duration::from_secs(self.shutdown_grace_secs),
+            connections: ConnectionLimits {
+                header_read_timeout: Duration::from_secs(self.header_read_timeout_secs),
+                idle_timeout: Duration::from_secs(self.idle_timeout_secs),
+                max_connections: usize::try_from(self.max_connections).unwrap_or(usize::MAX),
+            },
         })
     }
 }

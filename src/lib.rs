@@ -3,6 +3,7 @@
 //!
 //! - [`config`]: environment and flags, validated once
 //! - [`startup`]: `Application::build` and graceful shutdown
+//! - [`server`]: the HTTP/1 connection loop: timeouts, connection cap, shutdown of connections
 //! - [`routes`]: the HTTP contract
 //! - [`store`]: the counting store (group commit over PostgreSQL or SQLite)
 //! - [`windows`]: recent-window counters (Redis or in-process)
@@ -12,6 +13,7 @@
 pub mod config;
 pub mod ops;
 pub mod routes;
+pub mod server;
 pub mod startup;
 pub mod store;
 pub mod telemetry;

@@ -15,7 +15,8 @@ use tokio::task::JoinHandle;
 
 use crate::config::Settings;
 use crate::routes::{router, AppState};
-use crate::store::batcher::AccessCounter;
+use crate::server::Server;
+use crate::store::batcher::{AccessCounter, Batcher};
 use crate::store::Database;
 use crate::telemetry::Metrics;
 use crate::windows::Windows;
@@ -26,12 +27,11 @@ const BATCHER_DRAIN_LIMIT: Duration = Duration::from_secs(5);
 const FLUSH_AND_CLOSE_LIMIT: Duration = Duration::from_millis(1500);
 
 pub struct Application {
-    listener: TcpListener,
+    server: Server,
     local_addr: SocketAddr,
-    router: axum::Router,
     database: Database,
     windows: Windows,
-    batcher: JoinHandle<()>,
+    batcher: Batcher,
     window_flusher: Option<JoinHandle<()>>,
     shutting_down: Arc<AtomicBool>,
     shutdown_grace: Duration,
@@ -69,20 +69,22 @@ impl Application {
             counter,
             database: database.clone(),
             windows: windows.clone(),
-            metrics,
+            metrics: metrics.clone(),
             shutting_down: shutting_down.clone(),
         };
+        let server =
+            Server::new(listener, router(state), settings.connections, metrics, u64::from(settings.database.pool_size));
         tracing::info!(
             address = %local_addr,
             database = database.backend_name(),
             windows = ?windows.source(),
+            max_connections = server.limits().max_connections,
             version = env!("CARGO_PKG_VERSION"),
             "endpoint-stats ready to serve"
         );
         Ok(Self {
-            listener,
+            server,
             local_addr,
-            router: router(state),
             database,
             windows,
             batcher,
@@ -106,43 +108,25 @@ impl Application {
     }
 
     /// Serves until `shutdown` completes, then: fails readiness, stops accepting, lets in-flight
-    /// requests finish (their accesses commit), flushes the window counters and closes the pool,
-    /// all within the grace period.
+    /// requests finish (their accesses commit), stops the batcher once it has committed what is
+    /// queued, flushes the window counters and closes the pool, all within the grace period.
     pub async fn run_until(self, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
-        let Self {
-            listener, router, database, windows, batcher, window_flusher, shutting_down, shutdown_grace, ..
-        } = self;
-        let (signalled_tx, signalled_rx) = tokio::sync::watch::channel(None::<Instant>);
-        let flag = shutting_down.clone();
-        let graceful = async move {
-            shutdown.await;
-            flag.store(true, Ordering::Relaxed);
-            tracing::info!("shutdown requested: draining in-flight requests");
-            let _ = signalled_tx.send(Some(Instant::now()));
-        };
-        let server = axum::serve(listener, router).with_graceful_shutdown(graceful);
-        // Boxed (not pinned on the stack) so that it can be dropped below, and the router with it.
-        let mut server = Box::pin(std::future::IntoFuture::into_future(server));
+        let Self { server, database, windows, batcher, window_flusher, shutting_down, shutdown_grace, .. } = self;
+        let stopped = server.serve_until(shutdown).await;
+        let signalled_at = Instant::now();
+        shutting_down.store(true, Ordering::Relaxed);
+        tracing::info!("shutdown requested: draining in-flight requests");
 
         // The whole shutdown fits in the grace period: requests drain for what is left once the
         // batcher's share and the flush's are set aside.
         let batcher_share = BATCHER_DRAIN_LIMIT.min(shutdown_grace / 4);
         let drain_limit = shutdown_grace.saturating_sub(batcher_share + FLUSH_AND_CLOSE_LIMIT);
-        let mut signalled = signalled_rx.clone();
-        let drained = tokio::select! {
-            result = &mut server => { result.context("server")?; true }
-            _ = async { let _ = signalled.wait_for(Option::is_some).await; tokio::time::sleep(drain_limit).await } => false,
-        };
-        if !drained {
+        if !stopped.drain(drain_limit).await {
             tracing::warn!(drain = ?drain_limit, "drain time over with requests still in flight");
         }
-        let signalled_at = *signalled_rx.borrow();
-        let deadline = signalled_at.unwrap_or_else(Instant::now) + shutdown_grace;
-        // Dropping the server dropped the router and with it every handle to the batcher: it
-        // commits what is queued, answers it and ends.
-        drop(server);
+        let deadline = signalled_at + shutdown_grace;
         let batcher_limit = deadline.saturating_duration_since(Instant::now()).saturating_sub(FLUSH_AND_CLOSE_LIMIT);
-        let batcher_finished = tokio::time::timeout(batcher_limit, batcher).await.is_ok();
+        let batcher_finished = matches!(tokio::time::timeout(batcher_limit, batcher.finish()).await, Ok(Ok(())));
         if let Some(flusher) = window_flusher {
             flusher.abort();
         }
@@ -154,8 +138,8 @@ impl Application {
             tracing::warn!(limit = ?FLUSH_AND_CLOSE_LIMIT, "window flush and pool close cut short");
         }
         if !batcher_finished {
-            // Its clients went with the server. A commit cut off like this is the one case whose
-            // outcome is unknown (docs/operations/tuning.md).
+            // A commit cut off like this is the one case whose outcome is unknown
+            // (docs/operations/tuning.md).
             tracing::error!(limit = ?batcher_limit, "shutdown: the last commit did not finish within the grace period");
         }
         tracing::info!("shutdown complete");

@@ -29,13 +29,21 @@ async fn assert_contract(app: &TestApp) {
     assert_eq!(metrics.status(), 200);
     assert!(metrics.headers()["content-type"].to_str().unwrap_or("").starts_with("text/plain"));
 
-    // Unknown paths: JSON 404, wrong methods: JSON 405; neither counted.
-    let (status, body) = app.get_json("/no/such/path").await;
-    assert_eq!((status, body), (404, serde_json::json!({"error": "not found"})));
+    // Unknown paths: JSON 404, wrong methods: JSON 405; neither counted. Every error has one
+    // shape: a stable message and code, and the request id the response header carries.
+    let response = app.get("/no/such/path").await;
+    let id = response.headers()["x-request-id"].to_str().expect("request id").to_owned();
+    assert_eq!(response.status().as_u16(), 404);
+    let body: serde_json::Value = response.json().await.expect("JSON 404");
+    assert_eq!(body, serde_json::json!({"error": "not found", "code": "not_found", "request_id": id}));
     let response = app.client.post(format!("{}/", app.address)).send().await.expect("POST");
     assert_eq!(response.status().as_u16(), 405);
+    let id = response.headers()["x-request-id"].to_str().expect("request id").to_owned();
     let body: serde_json::Value = response.json().await.expect("JSON 405");
-    assert_eq!(body, serde_json::json!({"error": "method not allowed"}));
+    assert_eq!(
+        body,
+        serde_json::json!({"error": "method not allowed", "code": "method_not_allowed", "request_id": id})
+    );
 
     let (status, body) = app.get_json("/stats").await;
     assert_eq!(status, 200);

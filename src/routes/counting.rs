@@ -2,14 +2,18 @@
 //! the committed count.
 
 use std::collections::BTreeMap;
+use std::convert::Infallible;
 
+use axum::body::{Body, Bytes};
 use axum::extract::State;
+use axum::http::{header, HeaderValue, StatusCode};
 use axum::Json;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
 use super::{ApiError, SharedState};
 use crate::store::{CountedEndpoint, EndpointRecord};
+use crate::telemetry::request_id::RequestId;
 use crate::windows::{WindowSource, WindowsReport};
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]
@@ -54,10 +58,26 @@ pub struct WindowsStatus {
     pub source: WindowSource,
     /// False when the window figures are missing (Redis down).
     pub available: bool,
+    /// `redis_unavailable` when the figures are missing (the cause is in the service's log).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
+    pub error: Option<&'static str>,
 }
 
+/// `HEAD` on a counted route: the status and content type of a `GET`, no body, and nothing
+/// counted. There is no `content-length`: the body a `GET` would return holds a count that exists
+/// only once an access is counted (RFC 9110 forbids a length other than the `GET`'s), so the body
+/// is a stream of unknown length, which no framework layer turns into `content-length: 0`.
+pub async fn head() -> (StatusCode, [(header::HeaderName, HeaderValue); 1], Body) {
+    let no_length = futures_util::stream::empty::<Result<Bytes, Infallible>>();
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))],
+        Body::from_stream(no_length),
+    )
+}
+
+/// Counts this access and returns the count of `/` including it. A `HEAD` answers 200 with no
+/// body and counts nothing.
 #[utoipa::path(get, path = "/", tag = "counting",
     responses((status = 200, body = RootResponse), (status = 503, body = super::errors::ErrorBody)))]
 pub async fn root(State(state): State<SharedState>) -> Result<Json<RootResponse>, ApiError> {
@@ -65,6 +85,8 @@ pub async fn root(State(state): State<SharedState>) -> Result<Json<RootResponse>
     Ok(Json(RootResponse { message: "Hello, World!", access_count: access.access_count }))
 }
 
+/// Counts this access and returns every endpoint's count, this access included. A `HEAD` answers
+/// 200 with no body and counts nothing.
 #[utoipa::path(get, path = "/stats", tag = "counting",
     responses((status = 200, body = StatsResponse), (status = 503, body = super::errors::ErrorBody)))]
 pub async fn stats(State(state): State<SharedState>) -> Result<Json<StatsResponse>, ApiError> {
@@ -80,6 +102,8 @@ pub async fn stats(State(state): State<SharedState>) -> Result<Json<StatsRespons
     Ok(Json(StatsResponse { stats, access_count: access.access_count }))
 }
 
+/// Counts this access and lists every endpoint with its recent windows. A `HEAD` answers 200 with
+/// no body and counts nothing.
 #[utoipa::path(get, path = "/api/v1/endpoints", tag = "counting",
     responses((status = 200, body = EndpointsResponse), (status = 503, body = super::errors::ErrorBody)))]
 pub async fn endpoints(State(state): State<SharedState>) -> Result<Json<EndpointsResponse>, ApiError> {
@@ -90,7 +114,12 @@ pub async fn endpoints(State(state): State<SharedState>) -> Result<Json<Endpoint
     let rows: &[EndpointRecord] = access.snapshot.as_deref().map_or(&[], Vec::as_slice);
     let (counts, error) = match windows {
         WindowsReport::Available(counts) => (Some(counts), None),
-        WindowsReport::Unavailable(error) => (None, Some(error)),
+        WindowsReport::Unavailable(detail) => {
+            let request_id = RequestId::current();
+            let request_id = request_id.as_ref().map_or("", RequestId::as_str);
+            tracing::warn!(request_id, %detail, "recent-window figures unavailable");
+            (None, Some("redis_unavailable"))
+        }
     };
     let endpoints = rows
         .iter()

@@ -1,10 +1,10 @@
 //! Prometheus text exposition.
 
 use axum::extract::State;
-use axum::http::{header, StatusCode};
+use axum::http::header;
 use axum::response::{IntoResponse, Response};
 
-use super::SharedState;
+use super::{ErrorKind, SharedState};
 
 const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
@@ -17,6 +17,9 @@ pub async fn render(State(state): State<SharedState>) -> Response {
     state.metrics.db_pool_max.set(i64::from(max));
     match state.metrics.render() {
         Ok(body) => ([(header::CONTENT_TYPE, CONTENT_TYPE)], body).into_response(),
-        Err(error) => super::errors::error_response(StatusCode::INTERNAL_SERVER_ERROR, format!("metrics: {error}")),
+        Err(error) => {
+            tracing::error!(%error, "metrics could not be rendered");
+            ErrorKind::Internal.response()
+        }
     }
 }

@@ -6,6 +6,7 @@ mod errors;
 mod metrics;
 mod openapi;
 mod probes;
+mod request_checks;
 
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -15,7 +16,7 @@ use axum::routing::get;
 use axum::Router;
 use tower_http::catch_panic::CatchPanicLayer;
 
-pub use errors::ApiError;
+pub use errors::{ApiError, ErrorKind};
 pub use openapi::ApiDoc;
 
 use crate::store::batcher::AccessCounter;
@@ -39,9 +40,10 @@ pub struct AppState {
 pub fn router(state: AppState) -> Router {
     let metrics = state.metrics.clone();
     let routes = Router::new()
-        .route("/", get(counting::root))
-        .route("/stats", get(counting::stats))
-        .route("/api/v1/endpoints", get(counting::endpoints))
+        // A HEAD is answered like a GET but counts nothing: it has no body to carry a count.
+        .route("/", get(counting::root).head(counting::head))
+        .route("/stats", get(counting::stats).head(counting::head))
+        .route("/api/v1/endpoints", get(counting::endpoints).head(counting::head))
         .route("/health", get(probes::health))
         .route("/ready", get(probes::ready))
         .route("/metrics", get(metrics::render))
@@ -52,7 +54,8 @@ pub fn router(state: AppState) -> Router {
 /// Request metrics and panic handling around `routes`. On matched routes the metrics middleware
 /// sees the route template; the fallbacks carry the same middleware and record the constant
 /// `unmatched`, so no request path becomes a label. The panic handler sits inside the metrics, so
-/// that a handler's panic is counted as the 500 it is answered with.
+/// that a handler's panic is counted as the 500 it is answered with. Outermost, every request gets
+/// its id and the checks that need no route (see `request_checks`).
 fn with_request_layers<S: Clone + Send + Sync + 'static>(routes: Router<S>, metrics: Metrics) -> Router<S> {
     let track = || axum::middleware::from_fn_with_state(metrics.clone(), track_http);
     routes
@@ -60,6 +63,7 @@ fn with_request_layers<S: Clone + Send + Sync + 'static>(routes: Router<S>, metr
         .route_layer(track())
         .method_not_allowed_fallback(errors::method_not_allowed.layer(track()))
         .fallback(errors::not_found.layer(track()))
+        .layer(axum::middleware::from_fn_with_state(metrics.clone(), request_checks::identify_and_check))
 }
 
 #[cfg(test)]
@@ -78,8 +82,10 @@ mod tests {
         }
         let routes: Router = Router::new().route("/boom", get(boom));
         let app = with_request_layers(routes, metrics.clone());
-        let response =
-            app.oneshot(Request::get("/boom").body(Body::empty()).expect("request")).await.expect("response");
+        let response = app
+            .oneshot(Request::get("/boom").header("host", "x").body(Body::empty()).expect("request"))
+            .await
+            .expect("response");
         assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
         let text = metrics.render().expect("render");
         assert!(

@@ -10,6 +10,8 @@ use axum::Json;
 use serde::Serialize;
 
 use super::SharedState;
+use crate::store::StoreError;
+use crate::telemetry::request_id::RequestId;
 
 /// A readiness probe must answer before the kubelet's own timeout (1 s by default).
 const READY_CHECK_TIMEOUT: Duration = Duration::from_millis(800);
@@ -23,7 +25,7 @@ pub struct HealthResponse {
 pub struct ReadyResponse {
     /// `ready` or `unavailable`.
     pub status: &'static str,
-    /// What is down, when not ready.
+    /// What is down, when not ready, e.g. `database: unavailable; server: shutting_down`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
     pub checks: ReadyChecks,
@@ -31,10 +33,10 @@ pub struct ReadyResponse {
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct ReadyChecks {
-    /// `ok` or why not.
-    pub database: String,
-    /// `ok`, `not_configured` or `degraded: …` (Redis never fails readiness).
-    pub redis: String,
+    /// `ok`, `unavailable`, `timeout` or `migrations_pending` (the cause is in the service's log).
+    pub database: &'static str,
+    /// `ok`, `not_configured` or `degraded` (Redis never fails readiness).
+    pub redis: &'static str,
     /// `ok` or `shutting_down`.
     pub server: &'static str,
 }
@@ -52,9 +54,8 @@ pub async fn health() -> Json<HealthResponse> {
 pub async fn ready(State(state): State<SharedState>) -> Response {
     let database = async {
         let result = match tokio::time::timeout(READY_CHECK_TIMEOUT, state.database.check_ready()).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(error)) => Err(error.to_string()),
-            Err(_) => Err(format!("database did not answer within {READY_CHECK_TIMEOUT:?}")),
+            Ok(result) => result,
+            Err(_) => Err(StoreError::Timeout(READY_CHECK_TIMEOUT)),
         };
         if result.is_err() {
             state.metrics.db_errors.with_label_values(&["read"]).inc();
@@ -64,23 +65,34 @@ pub async fn ready(State(state): State<SharedState>) -> Response {
     let (database, redis) = tokio::join!(database, state.windows.redis_health());
     let shutting_down = state.shutting_down.load(Ordering::Relaxed);
 
+    let request_id = RequestId::current();
+    let request_id = request_id.as_ref().map_or("", RequestId::as_str);
+    let database = match database {
+        Ok(()) => "ok",
+        Err(error) => {
+            tracing::warn!(request_id, %error, "readiness: database check failed");
+            match error {
+                StoreError::Timeout(_) => "timeout",
+                StoreError::MigrationsPending(_) => "migrations_pending",
+                _ => "unavailable",
+            }
+        }
+    };
     let redis = match redis {
-        None => "not_configured".to_owned(),
-        Some(Ok(())) => "ok".to_owned(),
-        Some(Err(error)) => format!("degraded: {error}"),
+        None => "not_configured",
+        Some(Ok(())) => "ok",
+        Some(Err(error)) => {
+            tracing::warn!(request_id, %error, "readiness: Redis degraded (the recent-window figures are missing)");
+            "degraded"
+        }
     };
-    let mut problems = Vec::new();
-    if let Err(error) = &database {
-        problems.push(format!("database: {error}"));
-    }
-    if shutting_down {
-        problems.push("server: shutting down".to_owned());
-    }
-    let checks = ReadyChecks {
-        database: database.err().unwrap_or_else(|| "ok".to_owned()),
-        redis,
-        server: if shutting_down { "shutting_down" } else { "ok" },
-    };
+    let server = if shutting_down { "shutting_down" } else { "ok" };
+    let problems: Vec<String> = [("database", database), ("server", server)]
+        .into_iter()
+        .filter(|(_, status)| *status != "ok")
+        .map(|(what, status)| format!("{what}: {status}"))
+        .collect();
+    let checks = ReadyChecks { database, redis, server };
     if problems.is_empty() {
         (StatusCode::OK, Json(ReadyResponse { status: "ready", error: None, checks })).into_response()
     } else {

@@ -15,8 +15,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc::error::TrySendError;
-use tokio::sync::{mpsc, oneshot};
-use tokio::task::JoinHandle;
+use tokio::sync::{mpsc, oneshot, Notify};
+use tokio::task::{JoinError, JoinHandle};
 
 use super::{
     CommitConnection, CommittedBatch, CountedEndpoint, Database, EndpointRecord, PerEndpoint, StoreError,
@@ -79,18 +79,32 @@ pub struct AccessCounter {
     request_timeout: Duration,
 }
 
+/// The running batcher task, owned by the application, which ends it at shutdown.
+///
+/// Its end does not wait for every [`AccessCounter`] to be dropped: handles live on in whatever
+/// still holds a router clone (a connection task, say), so shutdown could not rely on that.
+pub struct Batcher {
+    task: JoinHandle<()>,
+    stop: Arc<Notify>,
+}
+
+impl Batcher {
+    /// Stops taking accesses (later ones are answered "shutting down"), commits and answers those
+    /// already queued, and returns when the task has ended.
+    pub async fn finish(self) -> Result<(), JoinError> {
+        self.stop.notify_one();
+        self.task.await
+    }
+}
+
 impl AccessCounter {
-    /// Starts the batcher. It ends, after committing what is queued, once every handle is dropped.
-    pub fn start(
-        database: Database,
-        windows: Windows,
-        metrics: Metrics,
-        request_timeout: Duration,
-    ) -> (Self, JoinHandle<()>) {
+    /// Starts the batcher.
+    pub fn start(database: Database, windows: Windows, metrics: Metrics, request_timeout: Duration) -> (Self, Batcher) {
         let (sender, receiver) = mpsc::channel(QUEUE_CAPACITY);
         let limits = CommitLimits::for_request_timeout(request_timeout);
-        let task = tokio::spawn(run(receiver, database, windows, metrics, limits));
-        (Self { sender, request_timeout }, task)
+        let stop = Arc::new(Notify::new());
+        let task = tokio::spawn(run(receiver, stop.clone(), database, windows, metrics, limits));
+        (Self { sender, request_timeout }, Batcher { task, stop })
     }
 
     /// Counts one access and returns its committed count. The batcher answers every access it
@@ -109,6 +123,7 @@ impl AccessCounter {
 
 async fn run(
     mut receiver: mpsc::Receiver<PendingAccess>,
+    stop: Arc<Notify>,
     database: Database,
     windows: Windows,
     metrics: Metrics,
@@ -120,8 +135,17 @@ async fn run(
     // One commit at a time: the accesses that arrive meanwhile form the next batch, which starts as
     // soon as this one is answered. (A second commit in flight only waits for the row lock of the
     // first, and costs PostgreSQL CPU: docs/operations/tuning.md.)
-    while receiver.recv_many(&mut batch, MAX_BATCH).await > 0 {
-        commit(&mut batch, &mut connection, &context).await;
+    loop {
+        tokio::select! {
+            received = receiver.recv_many(&mut batch, MAX_BATCH) => {
+                if received == 0 {
+                    break; // closed and drained
+                }
+                commit(&mut batch, &mut connection, &context).await;
+            }
+            // From here on sends fail at once, and what was queued before is still received.
+            () = stop.notified() => receiver.close(),
+        }
     }
     if let Some(connection) = connection {
         connection.close().await;
@@ -220,8 +244,7 @@ fn answer_batch(
 fn fail_batch(batch: &mut Vec<PendingAccess>, metrics: &Metrics, error: StoreError) {
     metrics.db_errors.with_label_values(&["commit"]).inc();
     tracing::warn!(error = %error, accesses = batch.len(), "group commit failed; accesses answered 503");
-    let message = error.to_string();
     for pending in batch.drain(..) {
-        let _ = pending.reply.send(Err(StoreError::Unavailable(message.clone())));
+        let _ = pending.reply.send(Err(error.clone()));
     }
 }

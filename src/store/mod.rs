@@ -81,10 +81,15 @@ pub struct CommittedBatch {
     pub snapshot: Option<Vec<EndpointRecord>>,
 }
 
-#[derive(Debug, thiserror::Error)]
+/// Why an access was not counted, or the database is not ready. `Display` is for the log: it can
+/// hold the database's own words, which clients never see (`routes::errors` maps each variant to a
+/// stable message).
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     #[error("database unavailable: {0}")]
     Unavailable(String),
+    #[error("migrations pending: {0}")]
+    MigrationsPending(String),
     #[error("database did not answer within {0:?}")]
     Timeout(Duration),
     #[error("overloaded: {0} accesses already waiting to be counted")]
@@ -169,7 +174,7 @@ impl Database {
         };
         let applied = applied.map_err(migrations_table_error)?;
         if usize::try_from(applied).unwrap_or(0) < expected {
-            return Err(StoreError::Unavailable(format!("migrations pending: {applied} of {expected} applied")));
+            return Err(StoreError::MigrationsPending(format!("{applied} of {expected} applied")));
         }
         Ok(())
     }
@@ -280,7 +285,7 @@ const APPLIED_MIGRATIONS: &str = "SELECT COUNT(*) FROM _sqlx_migrations WHERE su
 fn migrations_table_error(error: sqlx::Error) -> StoreError {
     match error {
         sqlx::Error::Database(ref db) if db.message().contains("_sqlx_migrations") => {
-            StoreError::Unavailable("migrations not applied".to_owned())
+            StoreError::MigrationsPending("none applied".to_owned())
         }
         other => StoreError::from(other),
     }

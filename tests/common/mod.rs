@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use endpoint_stats::config::{DatabaseSettings, DatabaseUrl, RedisSettings, Settings};
+use endpoint_stats::config::{ConnectionLimits, DatabaseSettings, DatabaseUrl, RedisSettings, Settings};
 use endpoint_stats::startup::Application;
 use tokio::sync::oneshot;
 
@@ -212,6 +212,11 @@ pub fn settings(database: DatabaseSettings, redis: Option<RedisSettings>) -> Set
         listen: SocketAddr::from(([127, 0, 0, 1], 0)),
         request_timeout: Duration::from_secs(3),
         shutdown_grace: Duration::from_secs(10),
+        connections: ConnectionLimits {
+            header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(75),
+            max_connections: 1024,
+        },
     }
 }
 
@@ -270,10 +275,33 @@ pub struct Replica {
     child: Option<tokio::process::Child>,
 }
 
+/// How a [`Replica`] is started beyond its environment.
+#[derive(Default)]
+pub struct Launch {
+    /// Run under `prlimit --nofile=N:N`.
+    pub open_file_limit: Option<u64>,
+    /// Where stderr (the log) goes; inherited when unset.
+    pub log_file: Option<std::path::PathBuf>,
+    /// Working directory (where the SQLite default lives).
+    pub current_dir: Option<std::path::PathBuf>,
+}
+
 impl Replica {
     pub async fn start(database_url: &str, extra_env: &[(&str, &str)]) -> Self {
+        Self::start_with(database_url, extra_env, Launch::default()).await
+    }
+
+    pub async fn start_with(database_url: &str, extra_env: &[(&str, &str)], launch: Launch) -> Self {
         let port = free_port();
-        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_endpoint-stats"));
+        let binary = env!("CARGO_BIN_EXE_endpoint-stats");
+        let mut command = match launch.open_file_limit {
+            Some(limit) => {
+                let mut command = tokio::process::Command::new("prlimit");
+                command.arg(format!("--nofile={limit}:{limit}")).arg("--").arg(binary);
+                command
+            }
+            None => tokio::process::Command::new(binary),
+        };
         command
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
@@ -283,8 +311,14 @@ impl Replica {
             .env("LOG_FORMAT", "text")
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
             .kill_on_drop(true);
+        match launch.log_file {
+            Some(path) => command.stderr(std::fs::File::create(path).expect("log file")),
+            None => command.stderr(Stdio::inherit()),
+        };
+        if let Some(dir) = launch.current_dir {
+            command.current_dir(dir);
+        }
         for (key, value) in extra_env {
             command.env(key, value);
         }
@@ -322,8 +356,13 @@ impl Replica {
 
     /// Waits for the process to exit and returns its exit code.
     pub async fn wait(&mut self) -> Option<i32> {
+        self.wait_at_most(Duration::from_secs(30)).await
+    }
+
+    /// The exit code, or `None` when the process is still running after `limit`.
+    pub async fn wait_at_most(&mut self, limit: Duration) -> Option<i32> {
         let mut child = self.child.take()?;
-        let status = tokio::time::timeout(Duration::from_secs(30), child.wait()).await.ok()?.ok()?;
+        let status = tokio::time::timeout(limit, child.wait()).await.ok()?.ok()?;
         status.code()
     }
 }

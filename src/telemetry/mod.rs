@@ -5,11 +5,13 @@
 //! construction: `route` is a route template or `unmatched`, `method` a standard method or
 //! `_OTHER`, `status` a numeric code.
 
+pub mod request_id;
+
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::extract::{MatchedPath, Request, State};
-use axum::http::Method;
+use axum::http::{Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::Response;
 use prometheus::{
@@ -63,6 +65,9 @@ pub struct MetricsInner {
     pub redis_operations: IntCounterVec,
     pub redis_errors: IntCounterVec,
     pub redis_available: IntGauge,
+    pub http_connections: IntGauge,
+    pub http_connections_max: IntGauge,
+    pub http_connections_closed: IntCounterVec,
 }
 
 impl Metrics {
@@ -110,6 +115,16 @@ impl Metrics {
         )?;
         let redis_available =
             IntGauge::new("endpoint_stats_redis_available", "1 when the last Redis operation succeeded")?;
+        let http_connections = IntGauge::new("endpoint_stats_http_connections", "Open client connections")?;
+        let http_connections_max =
+            IntGauge::new("endpoint_stats_http_connections_max", "Cap on open client connections (MAX_CONNECTIONS)")?;
+        let http_connections_closed = IntCounterVec::new(
+            Opts::new(
+                "endpoint_stats_http_connections_closed_total",
+                "Client connections the server closed or refused, by reason",
+            ),
+            &["reason"],
+        )?;
 
         // Series that alerts and panels read exist from the start, at zero, instead of appearing
         // with the first failure (a rate over a missing series is no data, not zero).
@@ -119,6 +134,9 @@ impl Metrics {
         for operation in ["ping", "flush_windows", "read_windows"] {
             redis_operations.with_label_values(&[operation]);
             redis_errors.with_label_values(&[operation]);
+        }
+        for reason in ["header_timeout", "idle_timeout", "evicted", "rejected"] {
+            http_connections_closed.with_label_values(&[reason]);
         }
         registry.register(Box::new(http_requests.clone()))?;
         registry.register(Box::new(http_duration.clone()))?;
@@ -132,6 +150,9 @@ impl Metrics {
         registry.register(Box::new(redis_operations.clone()))?;
         registry.register(Box::new(redis_errors.clone()))?;
         registry.register(Box::new(redis_available.clone()))?;
+        registry.register(Box::new(http_connections.clone()))?;
+        registry.register(Box::new(http_connections_max.clone()))?;
+        registry.register(Box::new(http_connections_closed.clone()))?;
         registry.register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))?;
 
         Ok(Self(Arc::new(MetricsInner {
@@ -147,6 +168,9 @@ impl Metrics {
             redis_operations,
             redis_errors,
             redis_available,
+            http_connections,
+            http_connections_max,
+            http_connections_closed,
         })))
     }
 
@@ -156,6 +180,13 @@ impl Metrics {
         let mut buffer = Vec::with_capacity(16 * 1024);
         TextEncoder::new().encode(&families, &mut buffer)?;
         String::from_utf8(buffer).map_err(|e| prometheus::Error::Msg(e.to_string()))
+    }
+
+    /// One served request in `http_requests_total` and `http_request_duration_seconds`.
+    pub fn record_request(&self, method: &str, route: &str, status: StatusCode, duration: Duration) {
+        let labels = [method, route, status.as_str()];
+        self.http_requests.with_label_values(&labels).inc();
+        self.http_duration.with_label_values(&labels).observe(duration.as_secs_f64());
     }
 
     pub fn redis_result<T, E>(&self, operation: &str, result: &Result<T, E>) {
@@ -175,7 +206,7 @@ pub fn build_revision() -> &'static str {
     option_env!("ENDPOINT_STATS_REVISION").unwrap_or("unknown")
 }
 
-fn method_label(method: &Method) -> &'static str {
+pub fn method_label(method: &Method) -> &'static str {
     match *method {
         Method::GET => "GET",
         Method::HEAD => "HEAD",
@@ -200,10 +231,7 @@ pub async fn track_http(State(metrics): State<Metrics>, request: Request, next: 
     let response = next.run(request).await;
     drop(in_flight);
     let route = route.as_ref().map_or(UNMATCHED_ROUTE, MatchedPath::as_str);
-    let status = response.status();
-    let labels = [method, route, status.as_str()];
-    metrics.http_requests.with_label_values(&labels).inc();
-    metrics.http_duration.with_label_values(&labels).observe(started.elapsed().as_secs_f64());
+    metrics.record_request(method, route, response.status(), started.elapsed());
     response
 }
 
