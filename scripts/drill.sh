@@ -8,9 +8,9 @@
 #
 # It creates two throwaway databases on the server of DRILL_ADMIN_URL (the role needs CREATEDB):
 # a source, migrated by the binary and filled with a bulk INSERT … generate_series, and an empty
-# target. It runs the real commands (backup → verify-backup → restore --latest --yes into the
-# empty target), checks that the target holds the same rows, prints the figures, and removes the
-# databases and the dump directory whatever happens.
+# target. It runs the real commands (backup → verify-backup → restore --latest --yes
+# --into-other-database into the empty target), checks that the target holds the same rows,
+# prints the figures, and removes the databases and the dump directory whatever happens.
 set -euo pipefail
 
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -104,9 +104,9 @@ t0="$(now)"
 run_bin "$SOURCE_URL" verify-backup --dir "$BACKUP_DIR" >&2
 verify_s="$(elapsed "$t0" "$(now)")"
 
-log "restore --latest --yes into the empty $TARGET_DB"
+log "restore --latest --yes --into-other-database into the empty $TARGET_DB"
 t0="$(now)"
-run_bin "$TARGET_URL" restore --latest --dir "$BACKUP_DIR" --yes >&2
+run_bin "$TARGET_URL" restore --latest --dir "$BACKUP_DIR" --yes --into-other-database >&2
 restore_s="$(elapsed "$t0" "$(now)")"
 
 read -r target_rows target_sum < <(psql "$TARGET_URL" -qAtX -F ' ' -c \

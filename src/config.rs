@@ -88,9 +88,20 @@ pub struct RedisArgs {
     #[arg(long, env = "REDIS_URL", hide_env_values = true)]
     pub redis_url: Option<String>,
 
-    /// Prefix of every Redis key this service writes.
-    #[arg(long, env = "REDIS_KEY_PREFIX", default_value = "endpoint-stats:")]
+    /// Prefix of every Redis key this service writes (not empty).
+    #[arg(long, env = "REDIS_KEY_PREFIX", default_value = "endpoint-stats:", value_parser = non_empty_key_prefix)]
     pub redis_key_prefix: String,
+}
+
+/// An empty prefix would put the service's keys, and what `maintain` scans and cleans, among every
+/// other application's keys of a shared Redis.
+fn non_empty_key_prefix(raw: &str) -> Result<String, String> {
+    if raw.trim().is_empty() {
+        return Err("must not be empty: it keeps this service's keys apart from those of other applications \
+                    sharing the Redis (default: endpoint-stats:)"
+            .to_owned());
+    }
+    Ok(raw.to_owned())
 }
 
 impl RedisArgs {
@@ -240,19 +251,30 @@ impl std::fmt::Debug for DatabaseUrl {
     }
 }
 
-/// `scheme://user:***@host:port/path?…&password=***`: safe for logs and error messages. libpq
-/// and sqlx also take the password as a query parameter, so that one is masked too.
+/// Query parameters whose values are secrets: libpq's `password`, `sslpassword` (the pass phrase
+/// of the client key), `oauth_client_secret`, `scram_client_key` and `scram_server_key`
+/// (PostgreSQL 18), and `pass` of `redis+unix://` URLs. Compared without regard to case: masking
+/// one parameter too many costs nothing.
+pub const SECRET_PARAMS: &[&str] =
+    &["password", "sslpassword", "oauth_client_secret", "scram_client_key", "scram_server_key", "pass"];
+
+pub fn is_secret_param(key: &str) -> bool {
+    SECRET_PARAMS.iter().any(|secret| secret.eq_ignore_ascii_case(key))
+}
+
+/// `scheme://user:***@host:port/path?…&sslpassword=***`: safe for logs and error messages. libpq
+/// and sqlx also take secrets as query parameters ([`SECRET_PARAMS`]), so those are masked too.
 pub fn redact_url(url: &Url) -> String {
     let mut shown = url.clone();
     if shown.password().is_some() {
         // set_password only fails for URLs that cannot have credentials; those have none to hide
         let _ = shown.set_password(Some("***"));
     }
-    if shown.query_pairs().any(|(key, _)| key == "password") {
+    if shown.query_pairs().any(|(key, _)| is_secret_param(&key)) {
         let params: Vec<(String, String)> = url
             .query_pairs()
             .map(|(key, value)| {
-                let value = if key == "password" { "***".to_owned() } else { value.into_owned() };
+                let value = if is_secret_param(&key) { "***".to_owned() } else { value.into_owned() };
                 (key.into_owned(), value)
             })
             .collect();
@@ -321,6 +343,18 @@ mod tests {
         let shown = url.to_string();
         assert!(!shown.contains("s3cret"), "{shown}");
         assert!(shown.contains("sslmode=require"), "{shown}");
+    }
+
+    #[test]
+    fn every_secret_parameter_is_redacted() {
+        let raw = "postgres://app:s3cret0@db/stats?sslmode=require&password=s3cret1&sslpassword=s3cret2\
+                   &oauth_client_secret=s3cret3&scram_client_key=s3cret4&SCRAM_SERVER_KEY=s3cret5";
+        let shown = DatabaseUrl::parse(raw).expect("valid URL").to_string();
+        assert!(!shown.contains("s3cret"), "{shown}");
+        assert!(shown.contains("sslmode=require") && shown.contains("sslpassword=***"), "{shown}");
+        let redis =
+            RedisSettings { url: "redis+unix:///run/redis.sock?pass=s3cret6".to_owned(), key_prefix: "p:".to_owned() };
+        assert!(!redis.shown_url().contains("s3cret"), "{}", redis.shown_url());
     }
 
     #[test]

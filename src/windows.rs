@@ -186,6 +186,10 @@ fn window_key(prefix: &str, kind: &str, bucket: i64) -> String {
 pub fn window_key_end(suffix: &str) -> Option<i64> {
     let (kind, bucket) = suffix.split_once(':')?;
     let width = WINDOW_KEY_KINDS.iter().find(|(name, _)| *name == kind)?.1;
+    // Exactly what window_key writes: decimal digits (`parse` would also take `+5` and `-5`).
+    if !bucket.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
     let bucket: i64 = bucket.parse().ok()?;
     bucket.checked_add(1)?.checked_mul(width)
 }
@@ -375,6 +379,8 @@ mod tests {
         assert_eq!(window_key_end("1h:100"), None);
         assert_eq!(window_key_end("10s:x"), None);
         assert_eq!(window_key_end("10s"), None);
+        assert_eq!(window_key_end("10s:+100"), None);
+        assert_eq!(window_key_end("1m:100:x"), None);
     }
 
     #[test]

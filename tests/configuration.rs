@@ -92,3 +92,19 @@ fn help_lists_variables_with_defaults_and_hides_secrets() {
     assert!(stdout.contains("[default: 9999]"));
     assert!(!stdout.contains("topsecret") && !stdout.contains("alsosecret"), "--help shows a secret:\n{stdout}");
 }
+
+#[test]
+fn empty_redis_key_prefix_is_refused_by_every_command_that_takes_it() {
+    // An unreachable database: without the check, the commands fail on it instead (and quickly).
+    let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).unwrap_or(1);
+    let database_url = format!("postgres://u@127.0.0.1:{port}/x");
+    for command in [&[][..], &["serve"], &["maintain"]] {
+        for empty in ["", "  "] {
+            let (code, stdout, stderr) = run(&[("REDIS_KEY_PREFIX", empty), ("DATABASE_URL", &database_url)], command);
+            assert_eq!(code, 2, "{command:?} with REDIS_KEY_PREFIX={empty:?}: {stdout}{stderr}");
+            let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+            assert_eq!(lines.len(), 1, "{command:?}: one line:\n{stderr}");
+            assert!(lines[0].contains("REDIS_KEY_PREFIX") && lines[0].contains("empty"), "{command:?}: {}", lines[0]);
+        }
+    }
+}

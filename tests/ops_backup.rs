@@ -278,3 +278,41 @@ async fn full_disk_fails_clearly_and_leaves_no_partial_file() {
     assert!(output.error_line().contains("No space left on device"), "{}", output.stderr);
     assert!(files_in(mount_point.path()).is_empty(), "{:?}", files_in(mount_point.path()));
 }
+
+/// A dump holds the whole database: dump, checksum and manifest are 0600 and the folders 0700,
+/// even under `umask 000`, for a folder the backup creates and for a wide-open one it finds.
+#[tokio::test]
+async fn backups_are_private_whatever_the_umask() {
+    use std::os::unix::fs::PermissionsExt;
+    let db = TestDatabase::create().await;
+    count_accesses(&db, 1, 0, 0).await;
+    let base = tempfile::tempdir().expect("tempdir");
+    let created = base.path().join("new").join("backups");
+    let existing = base.path().join("existing");
+    std::fs::create_dir(&existing).expect("mkdir");
+    std::fs::set_permissions(&existing, std::fs::Permissions::from_mode(0o777)).expect("chmod 777");
+    let mode = |path: &std::path::Path| std::fs::metadata(path).expect("stat").permissions().mode() & 0o7777;
+
+    for dir in [&created, &existing] {
+        let output = tokio::process::Command::new("sh")
+            .args(["-c", "umask 000 && exec \"$0\" \"$@\"", env!("CARGO_BIN_EXE_endpoint-stats"), "backup", "--dir"])
+            .arg(dir)
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("DATABASE_URL", &db.url)
+            .env("LOG_FORMAT", "text")
+            .env("RUST_LOG", "warn")
+            .kill_on_drop(true)
+            .output()
+            .await
+            .expect("run backup under umask 000");
+        assert!(output.status.success(), "backup failed: {}", String::from_utf8_lossy(&output.stderr));
+        let dump = single_dump(dir);
+        let name = dump.file_name().and_then(|n| n.to_str()).expect("name").to_owned();
+        for file in [name.clone(), format!("{name}.sha256"), format!("{name}.manifest.json")] {
+            assert_eq!(mode(&dir.join(&file)), 0o600, "{file} in {}", dir.display());
+        }
+        assert_eq!(mode(dir), 0o700, "{}", dir.display());
+    }
+    assert_eq!(mode(&base.path().join("new")), 0o700, "a parent the backup created");
+}

@@ -64,7 +64,7 @@ async fn backup_verify_restore_into_an_empty_database_gives_identical_counts() {
     drop(production);
     let replacement = TestDatabase::create().await;
     let restore = run_bin(
-        &["restore", "--latest", "--dir", path_str(dir.path()), "--yes"],
+        &["restore", "--latest", "--dir", path_str(dir.path()), "--yes", "--into-other-database"],
         &[("DATABASE_URL", &replacement.url)],
     )
     .await;

@@ -3,7 +3,7 @@
 mod common;
 mod ops_support;
 
-use common::{free_port, redis_url, TestDatabase, TestRedisPrefix};
+use common::{free_port, redis_url, unique_name, TestDatabase, TestRedisPrefix};
 use ops_support::*;
 use serde_json::Value;
 
@@ -149,4 +149,61 @@ async fn redis_down_fails_the_run_but_the_database_is_still_maintained() {
     assert_eq!(report["database"]["status"], "ok");
     assert_eq!(report["redis"]["status"], "failed");
     assert!(report["failures"].to_string().contains("redis"), "{report:#}");
+}
+
+/// Another application's keys without a TTL survive, under the service's prefix (names outside
+/// its key scheme) and beside it; and an empty prefix, which would put every key of the Redis
+/// under it, is refused before anything is touched.
+#[tokio::test]
+async fn maintain_deletes_only_keys_of_its_own_scheme() {
+    let db = TestDatabase::create().await;
+    let prefix = TestRedisPrefix::new(&redis_url());
+    let p = prefix.prefix.clone();
+    // Keys of "another application" at the top level of the shared Redis, deleted by this guard.
+    let other_app =
+        TestRedisPrefix { url: prefix.url.clone(), prefix: format!("window:user-session:{}", unique_name("app")) };
+    let mut redis = redis_connection(&prefix.url);
+    let now = chrono::Utc::now().timestamp();
+    let ours_without_ttl = format!("{p}window:1m:{}", now / 60 - 1);
+    let under = [format!("{p}window:user-session:abc"), format!("{p}window:10s:{}:session", now / 10)];
+    let beside = [format!("{}:abc", other_app.prefix), format!("{}window:1m:{}", other_app.prefix, now / 60 - 1)];
+    let mut seed = redis::pipe();
+    for key in std::iter::once(&ours_without_ttl).chain(&under).chain(&beside) {
+        seed.set(key, 1);
+    }
+    let _: () = seed.query(&mut redis).expect("seed Redis");
+    let exists = |key: &str, redis: &mut redis::Connection| -> bool {
+        redis::cmd("EXISTS").arg(key).query::<i64>(redis).expect("EXISTS") == 1
+    };
+
+    let output = run_bin(
+        &["maintain", "--json"],
+        &[("DATABASE_URL", &db.url), ("REDIS_URL", &prefix.url), ("REDIS_KEY_PREFIX", &p)],
+    )
+    .await;
+    output.assert_success("maintain");
+    let r = &output.json()["redis"];
+    assert_eq!(r["deleted_without_ttl"], 1, "{r:#}");
+    assert_eq!(r["unknown_window_keys"], 2, "reported: {r:#}");
+    assert!(!exists(&ours_without_ttl, &mut redis), "the service's own key without TTL is deleted");
+    for key in under.iter().chain(&beside) {
+        assert!(exists(key, &mut redis), "{key} belongs to another application and must survive");
+    }
+
+    for (empty_prefix, as_flag) in [("", false), ("", true), (" ", false)] {
+        let (args, env): (Vec<&str>, Vec<(&str, &str)>) = if as_flag {
+            (vec!["maintain", "--redis-key-prefix", empty_prefix], vec![])
+        } else {
+            (vec!["maintain"], vec![("REDIS_KEY_PREFIX", empty_prefix)])
+        };
+        let mut env = env;
+        env.extend([("DATABASE_URL", db.url.as_str()), ("REDIS_URL", prefix.url.as_str())]);
+        let output = run_bin(&args, &env).await;
+        output.assert_failure("maintain with an empty REDIS_KEY_PREFIX");
+        assert!(output.stderr.contains("REDIS_KEY_PREFIX"), "names the variable: {}", output.stderr);
+        assert!(output.stdout.is_empty(), "nothing done: {}", output.stdout);
+        for key in under.iter().chain(&beside) {
+            assert!(exists(key, &mut redis), "{key} must survive maintain with prefix {empty_prefix:?}");
+        }
+    }
 }

@@ -68,8 +68,7 @@ pub async fn run(args: BackupArgs) -> anyhow::Result<ExitCode> {
 
     let target = PgTarget::from_args(&args.database)?;
     let pg_dump = find_tool("pg_dump", args.pg_bin_dir.as_deref())?;
-    std::fs::create_dir_all(&args.dir)
-        .with_context(|| format!("--dir {}: cannot create the backup directory", args.dir.display()))?;
+    prepare_backup_dir(&args.dir)?;
 
     let started = Instant::now();
     let now = Utc::now();
@@ -147,10 +146,12 @@ async fn write_backup(
 
     let temp_dump = dir.join(partial_name(name));
     pending.track(temp_dump.clone());
-    let mut command = target.tool_command(pg_dump);
-    command.arg("--format=custom").arg(format!("--snapshot={snapshot}")).arg("--file").arg(&temp_dump);
+    // pg_dump creates its file 0666 minus the umask; it keeps the mode of one that exists.
+    create_private(&temp_dump).await?;
+    let mut tool = target.tool_command(pg_dump)?;
+    tool.command.arg("--format=custom").arg(format!("--snapshot={snapshot}")).arg("--file").arg(&temp_dump);
     tracing::info!(database = %database, snapshot = %snapshot, "pg_dump started");
-    run_tool(command, "pg_dump").await?;
+    run_tool(tool, "pg_dump").await?;
     // pg_dump has imported the snapshot and finished: the transaction may end.
     sqlx::raw_sql("COMMIT").execute(&mut connection).await.map_err(sql_error("ending the snapshot transaction"))?;
     let _ = connection.close().await;
@@ -206,9 +207,51 @@ async fn sync_file(path: &Path) -> anyhow::Result<()> {
     file.sync_all().await.with_context(|| format!("cannot fsync {}", path.display()))
 }
 
+/// Creates the backup directory and missing parents 0700, and tightens an existing one to 0700: a
+/// dump holds the whole database. A directory this user may not change (a volume's root owned by
+/// root) stays as it is, with a warning; the files in it are 0600 whatever happens.
+fn prepare_backup_dir(dir: &Path) -> anyhow::Result<()> {
+    let cannot_create = || format!("--dir {}: cannot create the backup directory", dir.display());
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+        builder.mode(0o700);
+        builder.create(dir).with_context(cannot_create)?;
+        let mode = std::fs::metadata(dir).with_context(cannot_create)?.permissions().mode() & 0o7777;
+        if mode != 0o700 {
+            if let Err(error) = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)) {
+                let mode = format!("{mode:o}");
+                tracing::warn!(dir = %dir.display(), mode, %error, "backup directory left as it is, not 0700");
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    builder.create(dir).with_context(cannot_create)?;
+    Ok(())
+}
+
+/// Opens `path` empty for writing, mode 0600 whatever the umask (or an earlier file's mode).
+async fn create_private(path: &Path) -> anyhow::Result<tokio::fs::File> {
+    let mut options = tokio::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    options.mode(0o600);
+    let file = options.open(path).await.with_context(|| format!("cannot create {}", path.display()))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        file.set_permissions(std::fs::Permissions::from_mode(0o600))
+            .await
+            .with_context(|| format!("cannot make {} private", path.display()))?;
+    }
+    Ok(file)
+}
+
 async fn write_synced(path: &Path, contents: &[u8]) -> anyhow::Result<()> {
     use tokio::io::AsyncWriteExt;
-    let mut file = tokio::fs::File::create(path).await.with_context(|| format!("cannot create {}", path.display()))?;
+    let mut file = create_private(path).await?;
     file.write_all(contents).await.with_context(|| format!("cannot write {}", path.display()))?;
     file.sync_all().await.with_context(|| format!("cannot fsync {}", path.display()))
 }

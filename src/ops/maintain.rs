@@ -3,8 +3,9 @@
 //! PostgreSQL: `VACUUM (ANALYZE)` of every table of the service's database, dead/live tuples
 //! before and after (bloat), invalid indexes (a failed `CREATE INDEX CONCURRENTLY` leaves one:
 //! a fault, exit 1), unused indexes and sizes. SQLite: `VACUUM`, `ANALYZE`, integrity check.
-//! Redis: the window keys of the prefix are scanned (SCAN, never KEYS); keys without a TTL and
-//! keys older than the longest window are deleted; memory and key counts reported.
+//! Redis: the window keys of the prefix are scanned (SCAN, never KEYS); window keys of the
+//! service's own naming scheme without a TTL or older than the longest window are deleted, other
+//! keys are only counted; memory and key counts reported.
 
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -104,7 +105,7 @@ pub struct RedisReport {
     pub window_keys: u64,
     pub deleted_without_ttl: u64,
     pub deleted_stale: u64,
-    /// Keys under `{prefix}window:` whose name is not a known bucket.
+    /// Keys under `{prefix}window:` whose name is not a known bucket (never deleted).
     pub unknown_window_keys: u64,
     pub used_memory_bytes: Option<u64>,
     pub used_memory_human: Option<String>,
@@ -413,14 +414,16 @@ async fn maintain_redis(url: &str, prefix: &str) -> anyhow::Result<RedisReport> 
                     continue; // expired meanwhile
                 }
                 report.window_keys += 1;
-                let end = window_key_end(&key[window_prefix.len()..]);
-                if end.is_none() {
+                // Only names of this service's own scheme are deleted: anything else under the
+                // prefix may belong to another application sharing it, and is only reported.
+                let Some(end) = window_key_end(&key[window_prefix.len()..]) else {
                     report.unknown_window_keys += 1;
-                }
+                    continue;
+                };
                 if ttl == -1 {
                     report.deleted_without_ttl += 1;
                     doomed.push(key.as_str());
-                } else if end.is_some_and(|end| end < now - LONGEST_WINDOW_SECONDS) {
+                } else if end < now - LONGEST_WINDOW_SECONDS {
                     report.deleted_stale += 1;
                     doomed.push(key.as_str());
                 }

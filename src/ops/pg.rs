@@ -1,46 +1,85 @@
 //! PostgreSQL for the operations commands: one connection at a time, the client tools
-//! (`pg_dump`, `pg_restore`) with the password in `PGPASSWORD` only, and the inventory of a
-//! database (tables, columns, indexes, row counts, migrations) that manifests record and
-//! restores are checked against.
+//! (`pg_dump`, `pg_restore`) with their connection in a private service file only, and the
+//! inventory of a database (tables, columns, indexes, row counts, migrations) that manifests
+//! record and restores are checked against.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::str::FromStr;
 use std::time::Duration;
 
 use anyhow::Context;
-use sqlx::postgres::PgConnectOptions;
 use sqlx::{Connection, PgConnection, Row};
 use url::Url;
 
 use super::dumps::TableInfo;
 use crate::config::{redact_url, DatabaseArgs, DatabaseUrl};
-use crate::store::describe_sqlx_error;
+use crate::store::{describe_sqlx_error, pg_connect_options};
 
 /// Bound on establishing a connection (server down, packets dropped).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// Query parameters that libpq understands; others (sqlx-only) are not handed to the tools.
+/// Connection keywords of libpq (PostgreSQL 12 to 18) that a URL may carry for the client tools.
+/// Others (sqlx-only ones such as `statement-cache-capacity`) are not handed to them; `service`
+/// and `replication` are the tools' business.
 const LIBPQ_PARAMS: &[&str] = &[
     "host",
     "hostaddr",
     "port",
     "dbname",
     "user",
+    "password",
+    "passfile",
+    "channel_binding",
+    "connect_timeout",
+    "client_encoding",
+    "options",
+    "application_name",
+    "fallback_application_name",
+    "keepalives",
+    "keepalives_idle",
+    "keepalives_interval",
+    "keepalives_count",
+    "tcp_user_timeout",
     "sslmode",
-    "sslrootcert",
+    "sslnegotiation",
+    "sslcompression",
     "sslcert",
     "sslkey",
-    "sslcrl",
+    "sslcertmode",
     "sslpassword",
-    "channel_binding",
-    "application_name",
-    "options",
-    "connect_timeout",
-    "target_session_attrs",
+    "sslrootcert",
+    "sslcrl",
+    "sslcrldir",
+    "sslsni",
+    "requirepeer",
+    "require_auth",
+    "ssl_min_protocol_version",
+    "ssl_max_protocol_version",
+    "min_protocol_version",
+    "max_protocol_version",
     "gssencmode",
-    "keepalives",
+    "krbsrvname",
+    "gsslib",
+    "gssdelegation",
+    "target_session_attrs",
+    "load_balance_hosts",
+    "scram_client_key",
+    "scram_server_key",
+    "oauth_issuer",
+    "oauth_client_id",
+    "oauth_client_secret",
+    "oauth_scope",
 ];
+/// sqlx's spellings of libpq keywords, as the tools need them.
+const SQLX_ALIASES: &[(&str, &str)] = &[
+    ("ssl-mode", "sslmode"),
+    ("ssl-root-cert", "sslrootcert"),
+    ("ssl-ca", "sslrootcert"),
+    ("ssl-cert", "sslcert"),
+    ("ssl-key", "sslkey"),
+];
+/// The service name in the connection service file handed to the tools.
+const SERVICE_NAME: &str = "endpoint-stats";
 
 /// A PostgreSQL database to work on. `Display` never shows the password.
 #[derive(Clone)]
@@ -89,7 +128,7 @@ impl PgTarget {
     }
 
     pub async fn connect(&self) -> anyhow::Result<PgConnection> {
-        let options = PgConnectOptions::from_str(self.url.as_str())
+        let options = pg_connect_options(&self.url)
             .map_err(|e| anyhow::anyhow!("invalid PostgreSQL URL {self}: {}", describe_sqlx_error(&e)))?
             .application_name("endpoint-stats-ops");
         match tokio::time::timeout(CONNECT_TIMEOUT, PgConnection::connect_with(&options)).await {
@@ -99,42 +138,88 @@ impl PgTarget {
         }
     }
 
-    /// The connection string for libpq tools: the URL without the password (which goes into
-    /// `PGPASSWORD`) and without parameters libpq does not know.
-    fn libpq_url(&self) -> (String, Option<String>) {
-        let mut url = self.url.clone();
-        let mut password = url.password().map(percent_decode);
-        let _ = url.set_password(None);
-        let mut params = Vec::new();
+    /// The libpq keywords of this URL, decoded: its parts first, then its query parameters (which
+    /// override them, as in libpq). Parameters libpq does not know are left out.
+    fn libpq_keywords(&self) -> anyhow::Result<BTreeMap<&'static str, String>> {
+        let mut keywords = BTreeMap::new();
+        if let Some(host) = self.url.host_str().filter(|h| !h.is_empty()) {
+            // An IPv6 literal is bracketed in a URL, bare in a keyword.
+            keywords.insert("host", host.trim_start_matches('[').trim_end_matches(']').to_owned());
+        }
+        if let Some(port) = self.url.port() {
+            keywords.insert("port", port.to_string());
+        }
+        let path = self.url.path().trim_start_matches('/');
+        if !path.is_empty() {
+            keywords.insert("dbname", percent_decode(path));
+        }
+        if !self.url.username().is_empty() {
+            keywords.insert("user", percent_decode(self.url.username()));
+        }
+        if let Some(password) = self.url.password() {
+            keywords.insert("password", percent_decode(password));
+        }
         for (key, value) in self.url.query_pairs() {
-            if key == "password" {
-                password = Some(value.into_owned());
-            } else if LIBPQ_PARAMS.contains(&key.as_ref()) {
-                params.push((key.into_owned(), value.into_owned()));
+            let key = SQLX_ALIASES.iter().find(|(alias, _)| *alias == key).map_or(key.as_ref(), |(_, name)| name);
+            if let Some(keyword) = LIBPQ_PARAMS.iter().find(|k| **k == key) {
+                keywords.insert(*keyword, value.into_owned());
             }
         }
-        url.set_query(None);
-        if !params.is_empty() {
-            url.query_pairs_mut().extend_pairs(params);
+        // A service file has one `keyword=value` per line, and libpq strips white space at its end.
+        let unfit = |v: &String| v.contains(['\n', '\r', '\0']) || v.ends_with(char::is_whitespace);
+        if let Some((keyword, _)) = keywords.iter().find(|(_, v)| unfit(v)) {
+            anyhow::bail!(
+                "the {keyword} of the PostgreSQL URL {self} holds a line break or NUL, or ends with white space, \
+                 which the PostgreSQL tools cannot be given"
+            );
         }
-        (url.to_string(), password)
+        Ok(keywords)
     }
 
-    /// A client tool connected to this database: `--dbname` without the password, the password in
-    /// the environment, never prompting, giving up on an unreachable server.
-    pub fn tool_command(&self, program: &Path) -> tokio::process::Command {
-        let (url, password) = self.libpq_url();
-        let mut command = tokio::process::Command::new(program);
-        command.arg("--no-password").arg(format!("--dbname={url}"));
-        if let Some(password) = password {
-            command.env("PGPASSWORD", password);
+    /// A client tool connected to this database, never prompting, giving up on an unreachable
+    /// server. Every connection parameter, secrets included, reaches it through a connection
+    /// service file readable by this user only (`PGSERVICEFILE`): an argument list is visible to
+    /// every user of the machine (`ps`), and libpq has no variable for `sslpassword`.
+    pub fn tool_command(&self, program: &Path) -> anyhow::Result<ToolCommand> {
+        let mut text = format!("[{SERVICE_NAME}]\n");
+        for (keyword, value) in self.libpq_keywords()? {
+            text.push_str(&format!("{keyword}={value}\n"));
         }
+        let service_file = write_private_temp_file("endpoint-stats-pg-service-", &text)
+            .context("cannot write the connection service file for the PostgreSQL tools (in TMPDIR)")?;
+        let mut command = tokio::process::Command::new(program);
+        command
+            .arg("--no-password")
+            .arg(format!("--dbname=service={SERVICE_NAME}"))
+            .env("PGSERVICEFILE", service_file.path())
+            .env("PGSERVICE", SERVICE_NAME);
         if std::env::var_os("PGCONNECT_TIMEOUT").is_none() {
             command.env("PGCONNECT_TIMEOUT", CONNECT_TIMEOUT.as_secs().to_string());
         }
         command.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped()).kill_on_drop(true);
-        command
+        Ok(ToolCommand { command, service_file })
     }
+}
+
+/// A client tool and the service file it connects with, which is removed when this drops (after
+/// the tool has exited, or when the work is abandoned: the tool is then killed).
+pub struct ToolCommand {
+    pub command: tokio::process::Command,
+    service_file: tempfile::NamedTempFile,
+}
+
+/// A new file in TMPDIR holding `contents`, mode 0600 whatever the umask, removed on drop.
+fn write_private_temp_file(prefix: &str, contents: &str) -> std::io::Result<tempfile::NamedTempFile> {
+    use std::io::Write;
+    let mut file = tempfile::Builder::new().prefix(prefix).tempfile()?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        file.as_file().set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    }
+    file.write_all(contents.as_bytes())?;
+    file.flush()?;
+    Ok(file)
 }
 
 impl std::fmt::Display for PgTarget {
@@ -185,7 +270,16 @@ fn is_executable(path: &Path) -> bool {
 }
 
 /// Runs a client tool to completion; on failure, the error carries its last lines of stderr.
-pub async fn run_tool(mut command: tokio::process::Command, name: &str) -> anyhow::Result<()> {
+pub async fn run_tool(tool: ToolCommand, name: &str) -> anyhow::Result<()> {
+    let ToolCommand { mut command, service_file } = tool;
+    let result = run_to_completion(&mut command, name).await;
+    if let Err(error) = service_file.close() {
+        tracing::warn!(%error, "cannot remove the connection service file of {name}");
+    }
+    result
+}
+
+async fn run_to_completion(command: &mut tokio::process::Command, name: &str) -> anyhow::Result<()> {
     let child = command.spawn().map_err(|error| match error.kind() {
         std::io::ErrorKind::NotFound => anyhow::anyhow!("{name} not found: {error}"),
         _ => anyhow::anyhow!("cannot start {name}: {error}"),
@@ -255,6 +349,19 @@ pub async fn user_tables(connection: &mut PgConnection) -> anyhow::Result<Vec<(S
         .map_err(|e| anyhow::anyhow!("listing tables: {e}"))
 }
 
+/// The columns of a table (quoted name) as manifests record them: `name type [not null]`, in
+/// column order.
+pub async fn table_columns(connection: &mut PgConnection, quoted: &str) -> Result<Vec<String>, sqlx::Error> {
+    let columns: Vec<(String,)> = sqlx::query_as(
+        "SELECT attname || ' ' || format_type(atttypid, atttypmod) || CASE WHEN attnotnull THEN ' not null' ELSE '' END \
+         FROM pg_attribute WHERE attrelid = $1::regclass AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
+    )
+    .bind(quoted)
+    .fetch_all(&mut *connection)
+    .await?;
+    Ok(columns.into_iter().map(|(c,)| c).collect())
+}
+
 /// Tables, columns, indexes, exact row counts and applied migrations, all read on `connection`
 /// (in its snapshot, when it is inside a REPEATABLE READ transaction).
 pub async fn inventory(connection: &mut PgConnection) -> anyhow::Result<Inventory> {
@@ -267,28 +374,16 @@ pub async fn inventory(connection: &mut PgConnection) -> anyhow::Result<Inventor
             .fetch_one(&mut *connection)
             .await
             .map_err(fail)?;
-        let columns: Vec<(String,)> = sqlx::query_as(
-            "SELECT attname || ' ' || format_type(atttypid, atttypmod) || CASE WHEN attnotnull THEN ' not null' ELSE '' END \
-             FROM pg_attribute WHERE attrelid = $1::regclass AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
-        )
-        .bind(&quoted)
-        .fetch_all(&mut *connection)
-        .await
-        .map_err(fail)?;
+        let columns = table_columns(connection, &quoted).await.map_err(fail)?;
         let indexes: Vec<(String,)> =
             sqlx::query_as("SELECT pg_get_indexdef(indexrelid) FROM pg_index WHERE indrelid = $1::regclass ORDER BY 1")
                 .bind(&quoted)
                 .fetch_all(&mut *connection)
                 .await
                 .map_err(fail)?;
-        inventory.tables.insert(
-            qualified,
-            TableInfo {
-                rows,
-                columns: columns.into_iter().map(|(c,)| c).collect(),
-                indexes: indexes.into_iter().map(|(i,)| i).collect(),
-            },
-        );
+        inventory
+            .tables
+            .insert(qualified, TableInfo { rows, columns, indexes: indexes.into_iter().map(|(i,)| i).collect() });
     }
     let has_migrations: (bool,) = sqlx::query_as("SELECT to_regclass('_sqlx_migrations') IS NOT NULL")
         .fetch_one(&mut *connection)
@@ -365,27 +460,63 @@ mod tests {
     use super::*;
 
     #[test]
-    fn tool_url_hides_the_password_and_sqlx_only_parameters() {
+    fn tool_keywords_are_decoded_and_sqlx_only_parameters_left_out() {
         let target = PgTarget::parse(
-            "postgres://app:p%40ss@db:5432/stats?sslmode=require&statement-cache-capacity=10",
+            "postgres://app:p%40ss@db:5432/stats?ssl-mode=require&statement-cache-capacity=10&sslpassword=k%20ey",
             "DATABASE_URL",
         )
         .expect("valid");
-        let (url, password) = target.libpq_url();
-        assert_eq!(url, "postgres://app@db:5432/stats?sslmode=require");
-        assert_eq!(password.as_deref(), Some("p@ss"));
-        assert!(!target.to_string().contains("p%40ss"));
+        let keywords = target.libpq_keywords().expect("keywords");
+        let expected: BTreeMap<&str, String> = [
+            ("host", "db"),
+            ("port", "5432"),
+            ("dbname", "stats"),
+            ("user", "app"),
+            ("password", "p@ss"),
+            ("sslmode", "require"),
+            ("sslpassword", "k ey"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k, v.to_owned()))
+        .collect();
+        assert_eq!(keywords, expected);
+        assert!(!target.to_string().contains("p%40ss") && !target.to_string().contains("k%20ey"));
         assert_eq!(target.database_name(), "stats");
         assert_eq!(target.with_database("other").database_name(), "other");
     }
 
     #[test]
-    fn password_in_the_query_is_moved_and_hidden() {
-        let target = PgTarget::parse("postgres://db/x?password=s3cret", "DATABASE_URL").expect("valid");
-        let (url, password) = target.libpq_url();
-        assert!(!url.contains("s3cret"), "{url}");
-        assert_eq!(password.as_deref(), Some("s3cret"));
-        assert!(!target.to_string().contains("s3cret"));
+    fn query_parameters_override_url_parts_and_line_breaks_are_refused() {
+        let target = PgTarget::parse("postgres://[::1]/x?password=s3cret&dbname=y", "DATABASE_URL").expect("valid");
+        let keywords = target.libpq_keywords().expect("keywords");
+        assert_eq!(keywords.get("host").map(String::as_str), Some("::1"));
+        assert_eq!(keywords.get("password").map(String::as_str), Some("s3cret"));
+        assert_eq!(keywords.get("dbname").map(String::as_str), Some("y"));
+        for unfit in ["a%0Ab", "ab%20"] {
+            let broken =
+                PgTarget::parse(&format!("postgres://db/x?sslpassword={unfit}"), "DATABASE_URL").expect("valid");
+            let error = broken.libpq_keywords().expect_err(unfit).to_string();
+            assert!(error.contains("sslpassword") && !error.contains("ab"), "{error}");
+        }
+    }
+
+    #[tokio::test]
+    async fn the_service_file_is_private_and_removed_after_the_tool() {
+        let target = PgTarget::parse("postgres://app:s3cret@db/x", "DATABASE_URL").expect("valid");
+        let tool = target.tool_command(Path::new("/bin/true")).expect("tool command");
+        let path = tool.service_file.path().to_owned();
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&path).expect("service file").permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600);
+        }
+        let text = std::fs::read_to_string(&path).expect("read");
+        assert!(text.starts_with("[endpoint-stats]\n") && text.contains("password=s3cret\n"), "{text}");
+        let args: Vec<String> = tool.command.as_std().get_args().map(|a| a.to_string_lossy().into_owned()).collect();
+        assert!(args.iter().all(|a| !a.contains("s3cret")), "{args:?}");
+        run_tool(tool, "true").await.expect("runs");
+        assert!(!path.exists(), "removed after the tool");
     }
 
     #[test]

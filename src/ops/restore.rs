@@ -1,8 +1,10 @@
 //! `restore`: disaster recovery into the database of `DATABASE_URL`.
 //!
 //! Refused without `--yes` (nothing is touched, not even a connection). Then: checksum and
-//! manifest, `pg_restore --clean --if-exists --no-owner --single-transaction --exit-on-error` (all
-//! or nothing: a failed restore leaves the database as it was), ANALYZE, and row counts compared
+//! manifest; refused, nothing changed, into a database of another name than the dump's without
+//! `--into-other-database`, or one whose tables of the dump's names have other columns;
+//! `pg_restore --clean --if-exists --no-owner --single-transaction --exit-on-error` (all or
+//! nothing: a failed restore leaves the database as it was), ANALYZE, and row counts compared
 //! with the manifest.
 
 use std::path::{Path, PathBuf};
@@ -12,8 +14,8 @@ use std::time::Instant;
 use anyhow::Context;
 use sqlx::Connection;
 
-use super::dumps::{check_dump, list_dumps, newest_good, DumpFile};
-use super::pg::{compare, find_tool, inventory, quote_table, run_tool, user_tables, PgTarget};
+use super::dumps::{check_dump, list_dumps, newest_good, DumpFile, Manifest};
+use super::pg::{compare, find_tool, inventory, quote_table, run_tool, table_columns, user_tables, PgTarget};
 use super::seconds;
 use crate::config::DatabaseArgs;
 use crate::store::describe_sqlx_error;
@@ -41,6 +43,11 @@ pub struct RestoreArgs {
     /// Really replace the data of DATABASE_URL.
     #[arg(long)]
     pub yes: bool,
+
+    /// Allow a target database whose name differs from the one the dump was taken of (a new
+    /// database after a disaster, a copy for an investigation).
+    #[arg(long)]
+    pub into_other_database: bool,
 
     /// Directory holding pg_restore (default: found on PATH).
     #[arg(long, env = "PG_BIN_DIR")]
@@ -75,6 +82,13 @@ pub async fn run(args: RestoreArgs) -> anyhow::Result<ExitCode> {
     let pg_restore = find_tool("pg_restore", args.pg_bin_dir.as_deref())?;
 
     let mut connection = target.connect().await.context("DATABASE_URL")?;
+    let refused = refuse_foreign_target(&mut connection, &manifest, args.into_other_database).await;
+    if let Err(error) = refused {
+        let _ = connection.close().await;
+        return Err(
+            error.context(format!("refusing to restore {} into {target} (nothing was changed)", dump.path.display()))
+        );
+    }
     let (others,): (i64,) = sqlx::query_as(
         "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid() \
          AND application_name = 'endpoint-stats'",
@@ -91,9 +105,11 @@ pub async fn run(args: RestoreArgs) -> anyhow::Result<ExitCode> {
     let _ = connection.close().await;
 
     tracing::info!(dump = %dump.path.display(), target = %target, "restore started");
-    let mut command = target.tool_command(&pg_restore);
-    command.args(["--clean", "--if-exists", "--no-owner", "--single-transaction", "--exit-on-error"]).arg(&dump.path);
-    run_tool(command, "pg_restore")
+    let mut tool = target.tool_command(&pg_restore)?;
+    tool.command
+        .args(["--clean", "--if-exists", "--no-owner", "--single-transaction", "--exit-on-error"])
+        .arg(&dump.path);
+    run_tool(tool, "pg_restore")
         .await
         .with_context(|| format!("restore of {} into {target} failed; the database is unchanged", dump.name))?;
     let restored_in = started.elapsed();
@@ -128,6 +144,51 @@ pub async fn run(args: RestoreArgs) -> anyhow::Result<ExitCode> {
         manifest.database
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// The safety checks of a restore into an existing database, read-only; each refusal names its
+/// check. `pg_restore --clean` replaces every table of the dump that exists in the target: a
+/// mistyped DATABASE_URL would replace another application's table of the same name.
+/// - database name: the target's name is the dump's, unless `--into-other-database`;
+/// - table columns: every table of the dump that exists in the target has the dump's columns
+///   (an `endpoint_access` of other columns is not this service's table).
+async fn refuse_foreign_target(
+    connection: &mut sqlx::PgConnection,
+    manifest: &Manifest,
+    into_other_database: bool,
+) -> anyhow::Result<()> {
+    let sql_error = |e: sqlx::Error| anyhow::anyhow!("inspecting DATABASE_URL: {}", describe_sqlx_error(&e));
+    let (current,): (String,) =
+        sqlx::query_as("SELECT current_database()").fetch_one(&mut *connection).await.map_err(sql_error)?;
+    if current != manifest.database && !into_other_database {
+        anyhow::bail!(
+            "check `database name`: the dump is of database {}, DATABASE_URL is database {current}; \
+             if {current} is really to receive that data, add --into-other-database",
+            manifest.database
+        );
+    }
+    for (name, expected) in &manifest.tables {
+        let Some((schema, table)) = name.split_once('.') else { continue };
+        let quoted = quote_table(schema, table);
+        let (exists,): (bool,) = sqlx::query_as("SELECT to_regclass($1) IS NOT NULL")
+            .bind(&quoted)
+            .fetch_one(&mut *connection)
+            .await
+            .map_err(sql_error)?;
+        if !exists {
+            continue;
+        }
+        let found = table_columns(connection, &quoted).await.map_err(sql_error)?;
+        if found != expected.columns {
+            anyhow::bail!(
+                "check `table columns`: {name} in database {current} is not this service's table: its columns are \
+                 [{}], the dump's are [{}]; rename or drop it by hand if it really is to be replaced",
+                found.join(", "),
+                expected.columns.join(", ")
+            );
+        }
+    }
+    Ok(())
 }
 
 /// `--latest`: the newest dump with its checksum and manifest. Newer ones without them (a backup

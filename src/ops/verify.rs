@@ -116,9 +116,9 @@ async fn restore_and_compare(
     dump: &std::path::Path,
     manifest: &Manifest,
 ) -> anyhow::Result<()> {
-    let mut command = scratch.tool_command(pg_restore);
-    command.args(["--no-owner", "--exit-on-error"]).arg(dump);
-    run_tool(command, "pg_restore")
+    let mut tool = scratch.tool_command(pg_restore)?;
+    tool.command.args(["--no-owner", "--exit-on-error"]).arg(dump);
+    run_tool(tool, "pg_restore")
         .await
         .with_context(|| format!("restore into scratch database {} failed", scratch.database_name()))?;
     let mut connection = scratch.connect().await?;

@@ -5,6 +5,8 @@ pub mod batcher;
 mod postgres;
 mod sqlite;
 
+pub use postgres::connect_options as pg_connect_options;
+
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -143,11 +145,15 @@ impl Database {
     }
 
     /// Applies pending migrations. Safe when several replicas start at once: sqlx serialises
-    /// migrators with an advisory lock on PostgreSQL, and SQLite has a single writer.
+    /// migrators with an advisory lock on PostgreSQL. On SQLite it takes no lock, and two migrators
+    /// that both read "nothing applied" both apply, the second failing on `_sqlx_migrations`'
+    /// primary key; so the whole run is one `BEGIN IMMEDIATE` transaction there: the write lock is
+    /// taken before anything is read, a second migrator waits for it (busy timeout) and then finds
+    /// everything applied.
     pub async fn migrate(&self) -> Result<(), StoreError> {
         let result = match self {
             Self::Postgres(pool) => POSTGRES_MIGRATIONS.run(pool).await,
-            Self::Sqlite(pool) => SQLITE_MIGRATIONS.run(pool).await,
+            Self::Sqlite(pool) => sqlite::migrate(pool, &SQLITE_MIGRATIONS).await,
         };
         result.map_err(|e| StoreError::Unavailable(format!("migration failed: {e}")))
     }

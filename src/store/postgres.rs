@@ -10,18 +10,63 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgRow};
 use sqlx::{Connection, PgConnection, PgPool, Row};
+use url::Url;
 
 use super::{CommittedBatch, CountedEndpoint, EndpointRecord, EndpointRow, PerEndpoint, COUNTED_ENDPOINTS};
-use crate::config::DatabaseSettings;
+use crate::config::{DatabaseSettings, DatabaseUrl};
 
 /// Keeps a hung query from holding the batcher; well above a healthy commit (< 10 ms).
 const STATEMENT_TIMEOUT: &str = "5s";
 const POOL_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(1);
 
+/// Query parameters that sqlx reads from a PostgreSQL URL (sqlx-postgres 0.8 `options/parse.rs`).
+const SQLX_PARAMS: &[&str] = &[
+    "sslmode",
+    "ssl-mode",
+    "sslrootcert",
+    "ssl-root-cert",
+    "ssl-ca",
+    "sslcert",
+    "ssl-cert",
+    "sslkey",
+    "ssl-key",
+    "statement-cache-capacity",
+    "host",
+    "hostaddr",
+    "port",
+    "dbname",
+    "user",
+    "password",
+    "application_name",
+    "options",
+];
+
+/// sqlx's options for `url`, without the parameters sqlx does not read: sqlx logs each of those
+/// with its value ("ignoring unrecognized connect parameter"), and some are secrets that libpq
+/// takes (`sslpassword`, …). Only their names are logged here.
+pub fn connect_options(url: &Url) -> Result<PgConnectOptions, sqlx::Error> {
+    let mut kept = url.clone();
+    let (known, unused): (Vec<_>, Vec<_>) = url
+        .query_pairs()
+        .map(|(key, value)| (key.into_owned(), value.into_owned()))
+        .partition(|(key, _)| SQLX_PARAMS.contains(&key.as_str()) || key.starts_with("options["));
+    if !unused.is_empty() {
+        let names: Vec<&str> = unused.iter().map(|(key, _)| key.as_str()).collect();
+        tracing::warn!(parameters = %names.join(","), "DATABASE_URL parameters not used by the service's driver");
+        kept.set_query(None);
+        if !known.is_empty() {
+            kept.query_pairs_mut().extend_pairs(known);
+        }
+    }
+    PgConnectOptions::from_str(kept.as_str())
+}
+
 pub(super) async fn connect(settings: &DatabaseSettings, connect_timeout: Duration) -> Result<PgPool, sqlx::Error> {
-    let options = PgConnectOptions::from_str(settings.url.expose())?
-        .application_name("endpoint-stats")
-        .options([("statement_timeout", STATEMENT_TIMEOUT)]);
+    let DatabaseUrl::Postgres(url) = &settings.url else {
+        return Err(sqlx::Error::Configuration("not a PostgreSQL URL".into()));
+    };
+    let options =
+        connect_options(url)?.application_name("endpoint-stats").options([("statement_timeout", STATEMENT_TIMEOUT)]);
     // One direct connection first: a pool would retry until its timeout and report only "pool
     // timed out", where the operator needs "connection refused" or "password authentication failed".
     let probe = tokio::time::timeout(connect_timeout, PgConnection::connect_with(&options))

@@ -7,6 +7,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use sqlx::migrate::{MigrateError, Migrator};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Connection, SqliteConnection, SqlitePool};
 
@@ -24,6 +25,16 @@ pub(super) async fn connect(settings: &DatabaseSettings, connect_timeout: Durati
         .acquire_timeout(connect_timeout)
         .connect_with(options)
         .await
+}
+
+/// Runs `migrator` inside one `BEGIN IMMEDIATE` transaction on one connection (see
+/// [`super::Database::migrate`]); each migration becomes a savepoint in it.
+pub(super) async fn migrate(pool: &SqlitePool, migrator: &Migrator) -> Result<(), MigrateError> {
+    let mut connection = pool.acquire().await?;
+    let mut transaction = connection.begin_with("BEGIN IMMEDIATE").await?;
+    migrator.run_direct(&mut *transaction).await?;
+    transaction.commit().await?;
+    Ok(())
 }
 
 const UPSERT: &str = "INSERT INTO endpoint_access (endpoint, access_count, first_accessed, last_accessed) \

@@ -61,6 +61,21 @@ pub async fn run_bin(args: &[&str], env: &[(&str, &str)]) -> Output {
     }
 }
 
+/// A fresh database with `root`, `stats`, `endpoints` accesses counted, backed up into a temp dir:
+/// the database, the dir (removed on drop) and the dump.
+pub async fn database_with_dump(
+    root: usize,
+    stats: usize,
+    endpoints: usize,
+) -> (TestDatabase, tempfile::TempDir, PathBuf) {
+    let db = TestDatabase::create().await;
+    count_accesses(&db, root, stats, endpoints).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    backup(&db.url, dir.path()).await.assert_success("backup");
+    let dump = single_dump(dir.path());
+    (db, dir, dump)
+}
+
 /// `backup --dir DIR` of the database at `url`.
 pub async fn backup(url: &str, dir: &Path) -> Output {
     run_bin(&["backup", "--dir", path_str(dir)], &[("DATABASE_URL", url)]).await
