@@ -105,7 +105,9 @@ pub fn describe_sqlx_error(error: &sqlx::Error) -> String {
         sqlx::Error::Database(db) => db.message().to_owned(),
         sqlx::Error::PoolTimedOut => "no database connection available (pool timed out)".to_owned(),
         sqlx::Error::Io(io) => format!("connection error: {io}"),
-        sqlx::Error::Tls(_) => "TLS error".to_owned(),
+        // rustls says why (`invalid peer certificate: UnknownIssuer`, `NotValidForName`, `server
+        // does not support TLS`); certificates and host names are no secrets.
+        sqlx::Error::Tls(e) => format!("TLS error: {e}"),
         sqlx::Error::Configuration(e) => format!("configuration: {e}"),
         other => other.to_string(),
     }

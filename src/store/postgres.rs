@@ -12,13 +12,16 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgRow};
 use sqlx::{Connection, PgConnection, PgPool, Row};
 
 use super::{CommittedBatch, CountedEndpoint, EndpointRecord, EndpointRow, PerEndpoint, COUNTED_ENDPOINTS};
-use crate::config::DatabaseSettings;
+use crate::config::{DatabaseSettings, DatabaseUrl};
 
 /// Keeps a hung query from holding the batcher; well above a healthy commit (< 10 ms).
 const STATEMENT_TIMEOUT: &str = "5s";
 const POOL_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(1);
 
 pub(super) async fn connect(settings: &DatabaseSettings, connect_timeout: Duration) -> Result<PgPool, sqlx::Error> {
+    if let DatabaseUrl::Postgres(url) = &settings.url {
+        check_tls_files(url)?;
+    }
     let options = PgConnectOptions::from_str(settings.url.expose())?
         .application_name("endpoint-stats")
         .options([("statement_timeout", STATEMENT_TIMEOUT)]);
@@ -39,6 +42,25 @@ pub(super) async fn connect(settings: &DatabaseSettings, connect_timeout: Durati
         .test_before_acquire(true)
         .connect_with(options)
         .await
+}
+
+/// sqlx opens `sslrootcert`, `sslcert` and `sslkey` only inside the TLS handshake, where a
+/// missing file (a Secret not mounted) comes out as a bare "No such file or directory": each one
+/// the URL names must be readable at start, and the message names the parameter and the path.
+fn check_tls_files(url: &url::Url) -> Result<(), sqlx::Error> {
+    for (key, value) in url.query_pairs() {
+        let is_file = matches!(
+            key.as_ref(),
+            "sslrootcert" | "ssl-root-cert" | "ssl-ca" | "sslcert" | "ssl-cert" | "sslkey" | "ssl-key"
+        );
+        // sqlx takes a value that starts like a PEM certificate as the certificate itself
+        if is_file && !value.starts_with("-----BEGIN") {
+            std::fs::File::open(value.as_ref()).map_err(|error| {
+                sqlx::Error::Configuration(format!("{key}={value}: cannot read the file: {error}").into())
+            })?;
+        }
+    }
+    Ok(())
 }
 
 /// The general batch: any set of endpoints, rows created on their first access, and optionally
