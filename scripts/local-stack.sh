@@ -23,6 +23,9 @@ REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$REPO_ROOT/scripts/lib/stack-lib.sh"
 
 MONITORING="$REPO_ROOT/deploy/kubernetes/base/monitoring"
+# The database roles: the files the Kubernetes Job endpoint-stats-db-roles runs (ConfigMap
+# postgres-roles), run here as they are.
+APPLY_ROLES="$REPO_ROOT/deploy/kubernetes/base/postgres/apply-roles.sh"
 LOCAL="$REPO_ROOT/deploy/local"
 NAMESPACE=endpoint-stats
 
@@ -158,9 +161,23 @@ load_env() {
   set_ports
 }
 
+# Passwords of this stack, new at every `up`: the PostgreSQL administrator, one per database role
+# (deploy/kubernetes/base/postgres/roles.sql), Redis. They live in stack.env (mode 600) only.
+new_password() { od -An -tx1 -N16 /dev/urandom | tr -d ' \n'; }
+make_passwords() {
+  POSTGRES_ADMIN_PASSWORD="$(new_password)"
+  PW_APP="$(new_password)" PW_OWNER="$(new_password)" PW_BACKUP="$(new_password)"
+  PW_VERIFY="$(new_password)" PW_MONITOR="$(new_password)"
+  REDIS_PASSWORD="$(new_password)"
+}
+role_url() { # role_url ROLE PASSWORD
+  echo "postgres://endpoint_stats_$1:$2@127.0.0.1:$POSTGRES_PORT/endpoint_stats?sslmode=disable"
+}
+
 write_env() {
   local i urls=()
   for ((i = 1; i <= REPLICAS; i++)); do urls+=("http://127.0.0.1:$(replica_port "$i")"); done
+  (umask 077 && : >"$STACK_DIR/$ENV_FILE_NAME")
   cat >"$STACK_DIR/$ENV_FILE_NAME" <<EOF
 # Written by scripts/local-stack.sh up; sourced by status/down/stop/start and by the tests.
 STACK_DIR=$STACK_DIR
@@ -178,8 +195,15 @@ POSTGRES_EXPORTER_URL=http://127.0.0.1:$POSTGRES_EXPORTER_PORT/metrics
 REDIS_EXPORTER_URL=http://127.0.0.1:$REDIS_EXPORTER_PORT/metrics
 POSTGRES_PORT=$POSTGRES_PORT
 REDIS_PORT=$REDIS_PORT
-DATABASE_URL=postgres://postgres@127.0.0.1:$POSTGRES_PORT/endpoint_stats
-REDIS_URL=redis://127.0.0.1:$REDIS_PORT
+POSTGRES_ADMIN_USER=postgres
+POSTGRES_ADMIN_PASSWORD=$POSTGRES_ADMIN_PASSWORD
+DATABASE_URL=$(role_url app "$PW_APP")
+OWNER_DATABASE_URL=$(role_url owner "$PW_OWNER")
+BACKUP_DATABASE_URL=$(role_url backup "$PW_BACKUP")
+VERIFY_DATABASE_URL=$(role_url verify "$PW_VERIFY")
+MONITOR_DATABASE_URL=$(role_url monitor "$PW_MONITOR")
+REDIS_PASSWORD=$REDIS_PASSWORD
+REDIS_URL=redis://:$REDIS_PASSWORD@127.0.0.1:$REDIS_PORT
 ALERTMANAGER_CONFIG=$STACK_DIR/alertmanager/alertmanager.yml
 EOF
 }
@@ -289,9 +313,39 @@ configure() {
   fi
   touch "$STACK_DIR/logs/postgres.log"
   if ((${#PG_AS[@]})); then chown postgres: "$STACK_DIR/postgres" "$STACK_DIR/logs/postgres.log"; fi
-  "${PG_AS[@]}" "$PG_BIN_DIR/initdb" -D "$STACK_DIR/postgres/data" -U postgres --auth=trust -E UTF8 \
-    --no-sync >>"$STACK_DIR/logs/postgres.log" 2>&1 \
-    || { stack_log "initdb failed"; log_tail postgres; return 1; }
+  # TCP (everything the stack runs) authenticates with scram-sha-256, so that the roles'
+  # passwords are really checked; the Unix socket (mode 0700, in the state directory) trusts its
+  # owner.
+  local pwfile="$STACK_DIR/postgres/admin-password"
+  (umask 077 && printf '%s\n' "$POSTGRES_ADMIN_PASSWORD" >"$pwfile")
+  if ((${#PG_AS[@]})); then chown postgres: "$pwfile"; fi
+  "${PG_AS[@]}" "$PG_BIN_DIR/initdb" -D "$STACK_DIR/postgres/data" -U postgres --auth-local=trust \
+    --auth-host=scram-sha-256 --pwfile="$pwfile" -E UTF8 --no-sync >>"$STACK_DIR/logs/postgres.log" 2>&1 \
+    || { rm -f "$pwfile"; stack_log "initdb failed"; log_tail postgres; return 1; }
+  rm -f "$pwfile"
+
+  # Redis requires the password (requirepass): in a file of mode 600, never on a command line.
+  (umask 077 && printf '%s\n' "bind 127.0.0.1" "port $REDIS_PORT" "protected-mode yes" \
+    "requirepass $REDIS_PASSWORD" 'save ""' "appendonly no" "dir $STACK_DIR/redis" "daemonize no" \
+    >"$STACK_DIR/redis/redis.conf")
+}
+
+# The database after the server starts: the database, the roles (apply-roles.sh, as the
+# administrator) and the migrations, applied as the schema's owner, like the Kubernetes Job
+# endpoint-stats-db-roles and the service's init container `migrate`. Idempotent.
+prepare_database() {
+  (
+    export PGUSER=postgres PGPASSWORD="$POSTGRES_ADMIN_PASSWORD"
+    if [[ -z "$(psql -X -h 127.0.0.1 -p "$POSTGRES_PORT" -d postgres -tAc \
+      "select 1 from pg_database where datname = 'endpoint_stats'")" ]]; then
+      psql -X -h 127.0.0.1 -p "$POSTGRES_PORT" -d postgres -qc 'create database endpoint_stats'
+    fi
+    export OWNER_DATABASE_URL APP_DATABASE_URL="$DATABASE_URL" BACKUP_DATABASE_URL VERIFY_DATABASE_URL \
+      MONITOR_DATABASE_URL ROLES_WAIT_SECS=20
+    bash "$APPLY_ROLES"
+  ) >>"$STACK_DIR/logs/roles.log" 2>&1 || { stack_log "database roles failed"; log_tail roles; return 1; }
+  DATABASE_URL="$OWNER_DATABASE_URL" LOG_FORMAT=text RUST_LOG=info "$ENDPOINT_STATS_BIN" migrate \
+    >>"$STACK_DIR/logs/migrate.log" 2>&1 || { stack_log "migrate (as endpoint_stats_owner) failed"; log_tail migrate; return 1; }
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -310,19 +364,15 @@ start_one() {
   case "$name" in
     postgres)
       start_piece postgres "${PG_AS[@]}" "$PG_BIN_DIR/postgres" -D "$STACK_DIR/postgres/data" \
-        -p "$POSTGRES_PORT" -k "$STACK_DIR/postgres" -c listen_addresses=127.0.0.1 -c max_connections=100
+        -p "$POSTGRES_PORT" -k "$STACK_DIR/postgres" -c unix_socket_permissions=0700 \
+        -c listen_addresses=127.0.0.1 -c max_connections=100
       record_start postgres
       wait_until postgres 30 pg_isready -q -h 127.0.0.1 -p "$POSTGRES_PORT" || return 1
-      if [[ -z "$(psql -h 127.0.0.1 -p "$POSTGRES_PORT" -U postgres -d postgres -tAc \
-        "select 1 from pg_database where datname = 'endpoint_stats'")" ]]; then
-        psql -h 127.0.0.1 -p "$POSTGRES_PORT" -U postgres -d postgres -qc 'create database endpoint_stats' \
-          >>"$STACK_DIR/logs/postgres.log" 2>&1 || { log_tail postgres; return 1; }
-      fi ;;
+      prepare_database ;;
     redis)
-      start_piece redis redis-server --bind 127.0.0.1 --port "$REDIS_PORT" --save '' --appendonly no \
-        --dir "$STACK_DIR/redis" --daemonize no --protected-mode yes
+      start_piece redis redis-server "$STACK_DIR/redis/redis.conf"
       record_start redis
-      wait_until redis 20 redis-cli -h 127.0.0.1 -p "$REDIS_PORT" ping ;;
+      wait_until redis 20 redis_ping ;;
     sink)
       start_piece sink python3 "$LOCAL/slack-sink.py" --port "$SINK_PORT" --out "$STACK_DIR/sink/posts.jsonl"
       record_start sink
@@ -334,14 +384,15 @@ start_one() {
       record_start alertmanager
       wait_until alertmanager 30 http_ok "http://127.0.0.1:$ALERTMANAGER_PORT/-/ready" ;;
     postgres-exporter)
-      start_piece postgres-exporter env \
-        "DATA_SOURCE_NAME=postgresql://postgres@127.0.0.1:$POSTGRES_PORT/postgres?sslmode=disable" \
-        "$PG_EXPORTER_CMD" --web.listen-address="127.0.0.1:$POSTGRES_EXPORTER_PORT"
+      # as the monitor role (pg_monitor); credentials in the environment, not on the command line
+      (export DATA_SOURCE_NAME="$MONITOR_DATABASE_URL"
+        start_piece postgres-exporter "$PG_EXPORTER_CMD" --web.listen-address="127.0.0.1:$POSTGRES_EXPORTER_PORT")
       record_start postgres-exporter
       wait_until postgres-exporter 20 http_ok "http://127.0.0.1:$POSTGRES_EXPORTER_PORT/metrics" ;;
     redis-exporter)
-      start_piece redis-exporter "$REDIS_EXPORTER_CMD" -redis.addr "redis://127.0.0.1:$REDIS_PORT" \
-        -web.listen-address "127.0.0.1:$REDIS_EXPORTER_PORT"
+      (export REDIS_PASSWORD
+        start_piece redis-exporter "$REDIS_EXPORTER_CMD" -redis.addr "redis://127.0.0.1:$REDIS_PORT" \
+          -web.listen-address "127.0.0.1:$REDIS_EXPORTER_PORT")
       record_start redis-exporter
       wait_until redis-exporter 20 http_ok "http://127.0.0.1:$REDIS_EXPORTER_PORT/metrics" ;;
     replica-*)
@@ -367,12 +418,14 @@ start_one() {
 launch_replica() {
   local name="$1" port
   port="$(piece_port "$name")"
-  start_piece_with_rc "$name" env \
-    "DATABASE_URL=postgres://postgres@127.0.0.1:$POSTGRES_PORT/endpoint_stats" \
-    "REDIS_URL=redis://127.0.0.1:$REDIS_PORT" "PORT=$port" BIND=127.0.0.1 LOG_FORMAT=json RUST_LOG=info \
-    DB_POOL_SIZE=8 SHUTDOWN_GRACE_SECS=10 "$ENDPOINT_STATS_BIN" serve || return 1
+  # the service's role (endpoint_stats_app) and Redis' password, in the environment: the
+  # waiting wrapper's command line (visible in ps) holds no secret
+  (export DATABASE_URL REDIS_URL
+    start_piece_with_rc "$name" env "PORT=$port" BIND=127.0.0.1 LOG_FORMAT=json RUST_LOG=info \
+      DB_POOL_SIZE=8 SHUTDOWN_GRACE_SECS=10 "$ENDPOINT_STATS_BIN" serve) || return 1
   record_start "$name"
 }
+redis_ping() { REDISCLI_AUTH="$REDIS_PASSWORD" redis-cli --no-auth-warning -h 127.0.0.1 -p "$REDIS_PORT" ping 2>/dev/null | grep -q PONG; }
 wait_replica() { wait_until "$1" 60 http_ok "http://127.0.0.1:$(piece_port "$1")/ready"; }
 
 # stop_one NAME: graceful stop; prints the exit status of a replica.
@@ -439,7 +492,9 @@ cmd_up() {
   local started=$SECONDS
   mkdir -p "$STACK_DIR"
   touch "$STACK_DIR/.local-stack"
+  make_passwords
   write_env
+  load_env # the URLs and passwords, as every later command sees them
   stack_log "configuring in $STACK_DIR (fast alerts: $([[ $FAST_ALERTS == 1 ]] && echo on || echo off))"
   configure || up_failed configuration
 
@@ -500,8 +555,9 @@ EOF
   Slack sink              http://127.0.0.1:$SINK_PORT/      (posts: $STACK_DIR/sink/posts.jsonl)
   postgres_exporter       http://127.0.0.1:$POSTGRES_EXPORTER_PORT/metrics
   redis_exporter          http://127.0.0.1:$REDIS_EXPORTER_PORT/metrics
-  PostgreSQL              postgres://postgres@127.0.0.1:$POSTGRES_PORT/endpoint_stats
-  Redis                   redis://127.0.0.1:$REDIS_PORT
+  PostgreSQL              127.0.0.1:$POSTGRES_PORT/endpoint_stats, scram-sha-256, a role per client:
+                          DATABASE_URL (service), OWNER_/BACKUP_/VERIFY_/MONITOR_DATABASE_URL in stack.env
+  Redis                   127.0.0.1:$REDIS_PORT, password required: REDIS_URL in stack.env
   environment for scripts $STACK_DIR/$ENV_FILE_NAME
 stop and remove everything: $0 down --dir $STACK_DIR
 EOF
@@ -532,7 +588,7 @@ piece_health() {
   local ok=ok bad=failing
   case "$1" in
     postgres) pg_isready -q -h 127.0.0.1 -p "$POSTGRES_PORT" && echo "$ok" || echo "$bad" ;;
-    redis) redis-cli -h 127.0.0.1 -p "$REDIS_PORT" ping 2>/dev/null | grep -q PONG && echo "$ok" || echo "$bad" ;;
+    redis) redis_ping && echo "$ok" || echo "$bad" ;;
     sink) curl -fsS --max-time 2 "http://127.0.0.1:$SINK_PORT/" 2>/dev/null | tr -d '\n' || echo "$bad" ;;
     alertmanager|prometheus) http_ok "http://127.0.0.1:$(piece_port "$1")/-/ready" && echo "$ok" || echo "$bad" ;;
     *-exporter) http_ok "http://127.0.0.1:$(piece_port "$1")/metrics" && echo "$ok" || echo "$bad" ;;

@@ -3,7 +3,8 @@
 #   - starts minikube if it is not running (Calico, so that the NetworkPolicies are enforced)
 #   - enables the metrics-server addon (the HPA needs it: without it its targets read <unknown>)
 #   - builds the service and ops images inside minikube (no registry involved)
-#   - writes the overlay's git-ignored secret files when missing (random passwords; the Slack
+#   - writes the overlay's git-ignored secret files when missing (random passwords: one per
+#     database role, the database administrator, Redis; the Slack
 #     webhook of all three channels from $SLACK_WEBHOOK_URL, or placeholders: alerts then fail to
 #     post, nothing else; edit secrets/alertmanager-slack.env for one webhook per channel)
 #   - kubectl apply -k deploy/kubernetes/overlays/minikube, waits for every workload
@@ -59,15 +60,29 @@ fi
 random_secret() { head -c 24 /dev/urandom | base64 | tr -dc 'A-Za-z0-9' | head -c 24; }
 
 umask 077
+# database.env of before the database roles (one superuser for everything): its superuser becomes
+# the administrator of database-admin.env (the volume was initialised with it), and database.env
+# is written anew with a URL per role.
+if [[ -f "$SECRETS/database.env" ]] && ! grep -q '^OWNER_DATABASE_URL=' "$SECRETS/database.env"; then
+  log "$SECRETS/database.env predates the database roles: its superuser moves to database-admin.env (old file kept as database-before-roles.env)"
+  [[ -f "$SECRETS/database-admin.env" ]] || grep -E '^POSTGRES_(USER|PASSWORD|DB)=' "$SECRETS/database.env" >"$SECRETS/database-admin.env"
+  mv "$SECRETS/database.env" "$SECRETS/database-before-roles.env"
+fi
+if [[ ! -f "$SECRETS/database-admin.env" ]]; then
+  log "writing $SECRETS/database-admin.env (random administrator password; git-ignored)"
+  printf 'POSTGRES_USER=postgres\nPOSTGRES_PASSWORD=%s\nPOSTGRES_DB=endpoint_stats\n' "$(random_secret)" >"$SECRETS/database-admin.env"
+fi
 if [[ ! -f "$SECRETS/database.env" ]]; then
-  log "writing $SECRETS/database.env (random password; git-ignored)"
-  password="$(random_secret)"
-  cat >"$SECRETS/database.env" <<ENV
-POSTGRES_USER=endpoint_stats
-POSTGRES_PASSWORD=$password
-POSTGRES_DB=endpoint_stats
-DATABASE_URL=postgres://endpoint_stats:$password@postgres:5432/endpoint_stats?sslmode=disable
-ENV
+  log "writing $SECRETS/database.env (a random password per database role; git-ignored)"
+  for role in app owner backup verify monitor; do
+    key=DATABASE_URL
+    [[ "$role" == app ]] || key="${role^^}_DATABASE_URL"
+    printf '%s=postgres://endpoint_stats_%s:%s@postgres:5432/endpoint_stats?sslmode=disable\n' "$key" "$role" "$(random_secret)"
+  done >"$SECRETS/database.env"
+fi
+if [[ ! -f "$SECRETS/redis.env" ]]; then
+  log "writing $SECRETS/redis.env (random Redis password; git-ignored)"
+  printf 'REDIS_PASSWORD=%s\n' "$(random_secret)" >"$SECRETS/redis.env"
 fi
 if [[ ! -f "$SECRETS/grafana.env" ]]; then
   log "writing $SECRETS/grafana.env (random admin password; git-ignored)"
@@ -90,6 +105,12 @@ log "applying deploy/kubernetes/overlays/minikube"
 
 log "waiting for the workloads (timeout $WAIT_TIMEOUT)"
 "$KUBECTL" -n "$NAMESPACE" rollout status statefulset/postgres --timeout="$WAIT_TIMEOUT"
+# the roles the service and the jobs connect as (the service's init container waits for them)
+if "$KUBECTL" -n "$NAMESPACE" get job endpoint-stats-db-roles >/dev/null 2>&1; then
+  "$KUBECTL" -n "$NAMESPACE" wait --for=condition=complete job/endpoint-stats-db-roles --timeout="$WAIT_TIMEOUT"
+else
+  log "job endpoint-stats-db-roles finished earlier and was removed (ttlSecondsAfterFinished)"
+fi
 for deployment in redis endpoint-stats postgres-exporter redis-exporter prometheus alertmanager grafana kube-state-metrics; do
   "$KUBECTL" -n "$NAMESPACE" rollout status "deployment/$deployment" --timeout="$WAIT_TIMEOUT"
 done

@@ -43,7 +43,7 @@ impl Application {
         let database = Database::connect(&settings.database)
             .await
             .with_context(|| format!("DATABASE_URL: cannot use {}", settings.database.url))?;
-        database.migrate().await.context("DATABASE_URL: migrations")?;
+        database.migrate_if_pending().await.context("DATABASE_URL: migrations")?;
 
         let windows = match &settings.redis {
             Some(redis) => Windows::redis(redis, metrics.clone()).context("REDIS_URL")?,

@@ -112,7 +112,9 @@ pub fn describe_sqlx_error(error: &sqlx::Error) -> String {
         sqlx::Error::Database(db) => db.message().to_owned(),
         sqlx::Error::PoolTimedOut => "no database connection available (pool timed out)".to_owned(),
         sqlx::Error::Io(io) => format!("connection error: {io}"),
-        sqlx::Error::Tls(_) => "TLS error".to_owned(),
+        // rustls says why (`invalid peer certificate: UnknownIssuer`, `NotValidForName`, `server
+        // does not support TLS`); certificates and host names are no secrets.
+        sqlx::Error::Tls(e) => format!("TLS error: {e}"),
         sqlx::Error::Configuration(e) => format!("configuration: {e}"),
         other => other.to_string(),
     }
@@ -156,6 +158,36 @@ impl Database {
             Self::Sqlite(pool) => sqlite::migrate(pool, &SQLITE_MIGRATIONS).await,
         };
         result.map_err(|e| StoreError::Unavailable(format!("migration failed: {e}")))
+    }
+
+    /// What `serve` runs at start: [`Self::migrate`], unless every migration of this binary is
+    /// already applied with the same checksum and none is left failed, when the migrator would
+    /// change nothing. The service's PostgreSQL role may not create tables (a separate role owns
+    /// the schema and runs `migrate`), and sqlx's migrator begins with `CREATE TABLE IF NOT EXISTS
+    /// _sqlx_migrations`, which PostgreSQL refuses without CREATE on the schema even when the
+    /// table exists.
+    pub async fn migrate_if_pending(&self) -> Result<(), StoreError> {
+        if let Self::Postgres(pool) = self {
+            let applied =
+                sqlx::query_as::<_, (i64, Vec<u8>, bool)>("SELECT version, checksum, success FROM _sqlx_migrations")
+                    .fetch_all(pool)
+                    .await;
+            if let Ok(applied) = applied {
+                let expected: Vec<(i64, &[u8])> = POSTGRES_MIGRATIONS
+                    .iter()
+                    .filter(|m| !m.migration_type.is_down_migration())
+                    .map(|m| (m.version, &*m.checksum))
+                    .collect();
+                let current = applied.len() == expected.len()
+                    && applied.iter().all(|(version, checksum, success)| {
+                        *success && expected.iter().any(|(v, c)| v == version && *c == checksum.as_slice())
+                    });
+                if current {
+                    return Ok(());
+                }
+            }
+        }
+        self.migrate().await
     }
 
     pub async fn ping(&self) -> Result<(), StoreError> {

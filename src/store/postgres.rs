@@ -65,6 +65,7 @@ pub(super) async fn connect(settings: &DatabaseSettings, connect_timeout: Durati
     let DatabaseUrl::Postgres(url) = &settings.url else {
         return Err(sqlx::Error::Configuration("not a PostgreSQL URL".into()));
     };
+    check_tls_files(url)?;
     let options =
         connect_options(url)?.application_name("endpoint-stats").options([("statement_timeout", STATEMENT_TIMEOUT)]);
     // One direct connection first: a pool would retry until its timeout and report only "pool
@@ -84,6 +85,25 @@ pub(super) async fn connect(settings: &DatabaseSettings, connect_timeout: Durati
         .test_before_acquire(true)
         .connect_with(options)
         .await
+}
+
+/// sqlx opens `sslrootcert`, `sslcert` and `sslkey` only inside the TLS handshake, where a
+/// missing file (a Secret not mounted) comes out as a bare "No such file or directory": each one
+/// the URL names must be readable at start, and the message names the parameter and the path.
+fn check_tls_files(url: &url::Url) -> Result<(), sqlx::Error> {
+    for (key, value) in url.query_pairs() {
+        let is_file = matches!(
+            key.as_ref(),
+            "sslrootcert" | "ssl-root-cert" | "ssl-ca" | "sslcert" | "ssl-cert" | "sslkey" | "ssl-key"
+        );
+        // sqlx takes a value that starts like a PEM certificate as the certificate itself
+        if is_file && !value.starts_with("-----BEGIN") {
+            std::fs::File::open(value.as_ref()).map_err(|error| {
+                sqlx::Error::Configuration(format!("{key}={value}: cannot read the file: {error}").into())
+            })?;
+        }
+    }
+    Ok(())
 }
 
 /// The general batch: any set of endpoints, rows created on their first access, and optionally

@@ -11,7 +11,12 @@
   - the ConfigMaps generated from the monitoring sources are byte-identical to them, and the
     paths those files name (rule_files, api_url_file, dashboard folder, --config.file) are where
     the manifests mount them; the hosts they name are Services of the render;
-  - the NetworkPolicies allow the flows the system needs and deny a few it must not have.
+  - the NetworkPolicies allow the flows the system needs and deny a few it must not have;
+  - least privilege: every client of PostgreSQL connects as its own role of
+    base/postgres/roles.sql (never the administrator), which the Job endpoint-stats-db-roles
+    creates from the very file; Redis requires a password from a Secret and every client sends
+    it; Prometheus' RBAC grants exactly what its scrape jobs use (derived from prometheus.yml),
+    namespaced where they are, and its egress reaches no public address.
 
 Usage: check_manifests.py RENDERED.yaml --variant base|minikube|production|operator|external-postgres
                           [--repo-root DIR] [--monitoring-dir DIR]
@@ -20,7 +25,9 @@ Usage: check_manifests.py RENDERED.yaml --variant base|minikube|production|opera
 from __future__ import annotations
 
 import argparse
+import base64
 import fnmatch
+import ipaddress
 import posixpath
 import re
 import sys
@@ -47,6 +54,31 @@ GENERATED = {
     "grafana-dashboards": {"endpoint-statistics.json": "grafana/dashboards/endpoint-statistics.json"},
 }
 
+# Least privilege (base/postgres/roles.sql): the Secret key holding each role's URL, and the role
+# each client of PostgreSQL must connect as: (kind, workload, container) -> role.
+ROLE_KEYS = {
+    "endpoint_stats_app": "DATABASE_URL",
+    "endpoint_stats_owner": "OWNER_DATABASE_URL",
+    "endpoint_stats_backup": "BACKUP_DATABASE_URL",
+    "endpoint_stats_verify": "VERIFY_DATABASE_URL",
+    "endpoint_stats_monitor": "MONITOR_DATABASE_URL",
+}
+DB_CLIENTS = {
+    ("Deployment", "endpoint-stats", "migrate"): "endpoint_stats_owner",
+    ("Deployment", "endpoint-stats", "endpoint-stats"): "endpoint_stats_app",
+    ("CronJob", "endpoint-stats-backup", "backup"): "endpoint_stats_backup",
+    ("CronJob", "endpoint-stats-verify-backup", "verify-backup"): "endpoint_stats_verify",
+    ("CronJob", "endpoint-stats-maintenance", "maintenance"): "endpoint_stats_owner",
+    ("CronJob", "endpoint-stats-health-check", "health-check"): "endpoint_stats_app",
+    ("CronJob", "endpoint-stats-deploy-gate", "deploy-gate"): "endpoint_stats_app",
+    ("Deployment", "postgres-exporter", "postgres-exporter"): "endpoint_stats_monitor",
+}
+DB_URL_VARS = ("DATABASE_URL", "DATA_SOURCE_NAME")
+# who may read the administrator's Secret
+DB_ADMIN_READERS = {("StatefulSet", "postgres"), ("Job", "endpoint-stats-db-roles")}
+ROLES_FILES = {"roles.sql": "deploy/kubernetes/base/postgres/roles.sql",
+               "apply-roles.sh": "deploy/kubernetes/base/postgres/apply-roles.sh"}
+
 
 def main() -> int:
     ap = argparse.ArgumentParser()
@@ -72,6 +104,10 @@ def main() -> int:
     check_paths(r, objs, docs)
     check_network(r, docs, args.variant)
     check_images_agree(r, docs, repo)
+    check_database_roles(r, objs, docs, repo)
+    check_redis_auth(r, objs, docs)
+    check_prometheus_rbac(r, objs, docs)
+    check_prometheus_egress(r, docs)
     if args.variant == "operator":
         check_servicemonitors(r, docs)
     return r.finish()
@@ -90,7 +126,8 @@ def check_objects(r: Report, objs: dict, docs: list[dict], variant: str) -> None
         ("Deployment", "redis-exporter"), ("Service", "redis-exporter"),
         ("Deployment", "prometheus"), ("Service", "prometheus"), ("PersistentVolumeClaim", "prometheus-pvc"),
         ("ServiceAccount", "prometheus"), ("ClusterRole", "endpoint-stats-prometheus"),
-        ("ClusterRoleBinding", "endpoint-stats-prometheus"),
+        ("ClusterRoleBinding", "endpoint-stats-prometheus"), ("Role", "prometheus"), ("RoleBinding", "prometheus"),
+        ("Job", "endpoint-stats-db-roles"), ("ConfigMap", "postgres-roles"),
         ("Deployment", "alertmanager"), ("Service", "alertmanager"),
         ("Deployment", "grafana"), ("Service", "grafana"),
         ("Deployment", "kube-state-metrics"), ("Service", "kube-state-metrics"),
@@ -109,7 +146,8 @@ def check_objects(r: Report, objs: dict, docs: list[dict], variant: str) -> None
         r.check(("StatefulSet", "postgres") not in objs, "external-postgres still renders the bundled StatefulSet")
         r.check(("Service", "db") not in objs, "external-postgres still renders Service db")
     if variant != "base":
-        required += [("Secret", "endpoint-stats-db"), ("Secret", "alertmanager-slack"), ("Secret", "grafana-admin")]
+        required += [("Secret", "endpoint-stats-db"), ("Secret", "endpoint-stats-db-admin"), ("Secret", "endpoint-stats-redis"),
+                     ("Secret", "alertmanager-slack"), ("Secret", "grafana-admin")]
     if variant == "operator":
         required += [("ServiceMonitor", n) for n in ("kube-state-metrics", "postgres-exporter", "redis-exporter")]
     for kind, name in required:
@@ -137,10 +175,13 @@ def check_objects(r: Report, objs: dict, docs: list[dict], variant: str) -> None
                 f"every Slack receiver needs a webhook file of its own, alertmanager.yml has {webhooks}")
         for webhook in webhooks:
             r.check(webhook in keys, f"Secret alertmanager-slack lacks key {webhook} (it has {sorted(keys)})")
-    if ("Secret", "endpoint-stats-db") in objs:
-        data = objs[("Secret", "endpoint-stats-db")].get("data") or {}
-        for k in ("DATABASE_URL", "POSTGRES_USER", "POSTGRES_PASSWORD", "POSTGRES_DB"):
-            r.check(k in data, f"Secret endpoint-stats-db lacks key {k}")
+    for secret, keys in (("endpoint-stats-db", sorted(ROLE_KEYS.values())),
+                         ("endpoint-stats-db-admin", ["POSTGRES_USER", "POSTGRES_PASSWORD", "POSTGRES_DB"]),
+                         ("endpoint-stats-redis", ["REDIS_PASSWORD"])):
+        if ("Secret", secret) in objs:
+            data = objs[("Secret", secret)].get("data") or {}
+            for k in keys:
+                r.check(k in data, f"Secret {secret} lacks key {k}")
 
     # the service's rollout, autoscaling and disruption budget
     dep = objs.get(("Deployment", "endpoint-stats"))
@@ -245,10 +286,10 @@ def check_service_contract(r: Report, objs: dict, repo: Path) -> None:
     env = {e["name"]: e for e in main.get("env", [])}
     if "PORT" in env:
         r.check(env["PORT"].get("value") == str(port), f"PORT env {env['PORT'].get('value')} != {port}")
-    for name in env:
+    for name in binary_env(main):
         r.check(name in env_names, f"container endpoint-stats sets {name}, which {source} does not list")
     for init in spec.get("initContainers", []):
-        for name in (e["name"] for e in init.get("env", [])):
+        for name in binary_env(init):
             r.check(name in env_names, f"init container {init['name']} sets {name}, which {source} does not list")
 
     probes = {
@@ -286,12 +327,12 @@ def check_service_contract(r: Report, objs: dict, repo: Path) -> None:
     # subcommands, flags and environment used by the init container and the CronJobs
     uses: list[tuple[str, list[str], list[str]]] = []
     for init in spec.get("initContainers", []):
-        uses.append((f"init container {init['name']}", init.get("args", []), [e["name"] for e in init.get("env", [])]))
-    uses.append(("container endpoint-stats", main.get("args", []), list(env)))
+        uses.append((f"init container {init['name']}", init.get("args", []), binary_env(init)))
+    uses.append(("container endpoint-stats", main.get("args", []), binary_env(main)))
     for (kind, name), doc in objs.items():
         if kind == "CronJob":
             for c in doc["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"]:
-                uses.append((f"CronJob {name}", c.get("args", []), [e["name"] for e in c.get("env", [])]))
+                uses.append((f"CronJob {name}", c.get("args", []), binary_env(c)))
     subcommands = k8slib.contract_subcommands(repo)
     for where, argv, env_used in uses:
         if not argv:
@@ -306,6 +347,14 @@ def check_service_contract(r: Report, objs: dict, repo: Path) -> None:
             known = binary.env_names(argv[0])
             for name in env_used:
                 r.check(name in known, f"{where} sets {name}, which `{argv[0]} --help` does not list")
+
+
+def binary_env(container: dict) -> list[str]:
+    """The environment variables a container hands to the binary: all of them but those only
+    used to compose another one (`$(REDIS_PASSWORD)` inside REDIS_URL), which the kubelet expands."""
+    env = container.get("env") or []
+    composed = {m for e in env for m in re.findall(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", str(e.get("value") or ""))}
+    return [e["name"] for e in env if e["name"] not in composed]
 
 
 # ------------------------------------------------------------------ containers
@@ -675,6 +724,233 @@ def check_servicemonitors(r: Report, docs: list[dict]) -> None:
             r.check(ep.get("port") in port_names, f"ServiceMonitor {name} scrapes port {ep.get('port')!r}, Service has {sorted(port_names)}")
         job = (matched[0]["metadata"].get("labels") or {}).get(spec.get("jobLabel", ""), matched[0]["metadata"]["name"])
         r.check(job == name, f"ServiceMonitor {name} would produce job {job!r}")
+
+
+# ------------------------------------------------------------------ least privilege
+
+
+def secret_value(objs: dict, name: str, key: str) -> str | None:
+    secret = objs.get(("Secret", name))
+    if not secret:
+        return None
+    if key in (secret.get("stringData") or {}):
+        return secret["stringData"][key]
+    raw = (secret.get("data") or {}).get(key)
+    return None if raw is None else base64.b64decode(raw).decode()
+
+
+def url_user(url: str) -> str:
+    m = re.match(r"^[a-z]+://([^:@/]*)(?::[^@]*)?@", url)
+    return m.group(1) if m else ""
+
+
+def env_secret_refs(container: dict) -> dict[str, tuple[str, str]]:
+    out = {}
+    for e in container.get("env") or []:
+        ref = (e.get("valueFrom") or {}).get("secretKeyRef")
+        if ref:
+            out[e["name"]] = (ref["name"], ref["key"])
+    return out
+
+
+def check_database_roles(r: Report, objs: dict, docs: list[dict], repo: Path) -> None:
+    """Every client of PostgreSQL connects as its own role, through its own Secret key; none as
+    the administrator; the roles come from base/postgres/roles.sql, which grants no superuser."""
+    # the roles' definition: the ConfigMap is the repository's files, byte for byte
+    cm = (objs.get(("ConfigMap", "postgres-roles")) or {}).get("data") or {}
+    for key, path in ROLES_FILES.items():
+        r.check(cm.get(key) == (repo / path).read_text(encoding="utf-8"),
+                f"ConfigMap postgres-roles key {key} differs from {path} (it must be generated from it)")
+    sql = (repo / ROLES_FILES["roles.sql"]).read_text(encoding="utf-8")
+    code = "\n".join(line.split("--", 1)[0] for line in sql.splitlines())
+    for role in ROLE_KEYS:
+        r.check(re.search(rf"ALTER ROLE {role}\b[^;]*\bNOSUPERUSER\b", code) is not None,
+                f"roles.sql does not make {role} NOSUPERUSER")
+    r.check(re.search(r"(?<!NO)SUPERUSER\b", code.replace("NOSUPERUSER", "")) is None, "roles.sql grants SUPERUSER")
+    r.check(re.search(r"ALTER DEFAULT PRIVILEGES FOR ROLE endpoint_stats_owner\b", code) is not None,
+            "roles.sql sets no default privileges for tables the owner creates later")
+    createdb = set(re.findall(r"ALTER ROLE (\w+)[^;]*(?<!NO)CREATEDB\b", code))
+    r.check(createdb == {"endpoint_stats_verify"}, f"only the verify role may create databases, roles.sql lets {sorted(createdb)}")
+
+    admin_user = secret_value(objs, "endpoint-stats-db-admin", "POSTGRES_USER")
+    for doc, tpl in k8slib.workloads(docs):
+        kind, name = k8slib.key(doc)
+        for _, c in containers(tpl["spec"]):
+            refs = env_secret_refs(c)
+            for var, (secret, key) in refs.items():
+                if secret == "endpoint-stats-db-admin":
+                    r.check((kind, name) in DB_ADMIN_READERS,
+                            f"{kind}/{name} container {c['name']} reads the PostgreSQL administrator's Secret ({var})")
+            want = DB_CLIENTS.get((kind, name, c["name"]))
+            urls = [v for v in DB_URL_VARS if v in refs or any(e["name"] == v for e in c.get("env") or [])]
+            if want is None:
+                r.check(not urls or (kind, name) == ("Job", "endpoint-stats-db-roles"),
+                        f"{kind}/{name} container {c['name']} connects to PostgreSQL ({urls}) with no role assigned to it here")
+                continue
+            if not r.check(len(urls) == 1 and urls[0] in refs,
+                           f"{kind}/{name} container {c['name']} must take its database URL from a Secret, has {urls}"):
+                continue
+            secret, key = refs[urls[0]]
+            r.check((secret, key) == ("endpoint-stats-db", ROLE_KEYS[want]),
+                    f"{kind}/{name} container {c['name']} reads {urls[0]} from {secret}/{key}, expected endpoint-stats-db/{ROLE_KEYS[want]} ({want})")
+            value = secret_value(objs, secret, key)
+            if value is None:
+                continue  # the base has no Secrets: the overlays are checked
+            user = url_user(value)
+            r.check(user != "" and user != admin_user and user != "postgres",
+                    f"{kind}/{name} container {c['name']} connects as the PostgreSQL superuser {user or '(default user)'} ({secret}/{key})")
+            r.check(user == want, f"{kind}/{name} container {c['name']} connects as {user or '(default user)'}, expected {want} ({secret}/{key})")
+    job = objs.get(("Job", "endpoint-stats-db-roles"))
+    if job:
+        c = job["spec"]["template"]["spec"]["containers"][0]
+        refs = env_secret_refs(c)
+        r.check(refs.get("PGUSER") == ("endpoint-stats-db-admin", "POSTGRES_USER") and refs.get("PGPASSWORD") == ("endpoint-stats-db-admin", "POSTGRES_PASSWORD"),
+                "Job endpoint-stats-db-roles does not run as the administrator of Secret endpoint-stats-db-admin")
+        for role, key in ROLE_KEYS.items():
+            var = {"DATABASE_URL": "APP_DATABASE_URL"}.get(key, key)
+            r.check(refs.get(var) == ("endpoint-stats-db", key), f"Job endpoint-stats-db-roles does not set {role}'s password from endpoint-stats-db/{key}")
+        vols = {v["name"]: v for v in job["spec"]["template"]["spec"].get("volumes") or []}
+        mounted = {m["mountPath"]: vols.get(m["name"], {}).get("configMap", {}).get("name") for m in c.get("volumeMounts") or []}
+        script = next((a for a in c.get("command", []) + c.get("args", []) if a.endswith("/apply-roles.sh")), "")
+        r.check(mounted.get(posixpath.dirname(script)) == "postgres-roles",
+                f"Job endpoint-stats-db-roles runs {script or 'no apply-roles.sh'}, not from ConfigMap postgres-roles")
+
+
+def check_redis_auth(r: Report, objs: dict, docs: list[dict]) -> None:
+    """Redis requires the password of Secret endpoint-stats-redis, and every client sends it."""
+    ref = ("endpoint-stats-redis", "REDIS_PASSWORD")
+    redis = objs.get(("Deployment", "redis"))
+    if redis:
+        c = redis["spec"]["template"]["spec"]["containers"][0]
+        argv = c.get("command", []) + c.get("args", [])
+        refs = env_secret_refs(c)
+        password = argv[argv.index("--requirepass") + 1] if "--requirepass" in argv[:-1] else None
+        m = re.fullmatch(r"\$\((\w+)\)", password or "")
+        r.check(m is not None and refs.get(m.group(1)) == ref,
+                f"Redis accepts clients without a password: redis-server needs --requirepass $(VAR) with VAR from Secret {ref[0]} key {ref[1]} (args {argv})")
+        if "--protected-mode" in argv[:-1]:
+            r.check(argv[argv.index("--protected-mode") + 1] != "no" or password is not None, "Redis runs --protected-mode no without a password")
+        probe = ((c.get("readinessProbe") or {}).get("exec") or {}).get("command") or []
+        if probe and probe[0] == "redis-cli":
+            r.check(refs.get("REDISCLI_AUTH") == ref, "Redis' readiness probe (redis-cli) has no REDISCLI_AUTH from the Secret")
+    for doc, tpl in k8slib.workloads(docs):
+        kind, name = k8slib.key(doc)
+        for _, c in containers(tpl["spec"]):
+            env = {e["name"]: e for e in c.get("env") or []}
+            refs = env_secret_refs(c)
+            order = [e["name"] for e in c.get("env") or []]
+            if "REDIS_URL" in env:
+                value = env["REDIS_URL"].get("value")
+                if "REDIS_URL" in refs:
+                    continue  # a whole URL from a Secret: its password is not in the manifest
+                m = re.match(r"^rediss?://[^:@/]*:\$\((\w+)\)@", value or "")
+                r.check(m is not None and refs.get(m.group(1)) == ref and order.index(m.group(1)) < order.index("REDIS_URL"),
+                        f"{kind}/{name} container {c['name']}: REDIS_URL {value!r} sends no password: it must be redis://:$(VAR)@... with VAR defined before it from Secret {ref[0]} key {ref[1]}")
+            if "REDIS_ADDR" in env:  # redis_exporter
+                r.check(refs.get("REDIS_PASSWORD") == ref, f"{kind}/{name} container {c['name']}: redis_exporter has no REDIS_PASSWORD from Secret {ref[0]}")
+    value = secret_value(objs, *ref)
+    if value is not None:
+        r.check(re.fullmatch(r"[A-Za-z0-9._~-]{12,}", value) is not None,
+                f"Secret {ref[0]} key {ref[1]} must be at least 12 URL-safe characters (it goes into REDIS_URL)")
+
+
+# kubernetes_sd_configs role -> (apiGroup, resource) that Prometheus lists and watches
+SD_RESOURCES = {
+    "node": [("", "nodes")],
+    "pod": [("", "pods")],
+    "service": [("", "services")],
+    "endpoints": [("", "endpoints"), ("", "services"), ("", "pods")],
+    "endpointslice": [("discovery.k8s.io", "endpointslices"), ("", "services"), ("", "pods")],
+    "ingress": [("networking.k8s.io", "ingresses")],
+}
+
+
+def prometheus_needs(prom_cfg: dict) -> dict[tuple[str, str, str, str], set[str]]:
+    """(scope, apiGroup, resource, verb) -> the jobs that need it; scope is a namespace or '*'."""
+    needs: dict[tuple[str, str, str, str], set[str]] = {}
+    for job in prom_cfg.get("scrape_configs") or []:
+        name = job["job_name"]
+        for sd in job.get("kubernetes_sd_configs") or []:
+            scopes = (sd.get("namespaces") or {}).get("names") or ["*"]
+            for group, resource in SD_RESOURCES.get(sd.get("role"), []):
+                scoped = ["*"] if resource in ("nodes",) else scopes
+                for scope in scoped:
+                    for verb in ("list", "watch"):
+                        needs.setdefault((scope, group, resource, verb), set()).add(name)
+            if (sd.get("attach_metadata") or {}).get("node"):
+                for verb in ("list", "watch"):
+                    needs.setdefault(("*", "", "nodes", verb), set()).add(name)
+        relabels = job.get("relabel_configs") or []
+        address = next((rc.get("replacement") for rc in relabels if rc.get("target_label") == "__address__"), "")
+        path = next((rc.get("replacement") for rc in relabels if rc.get("target_label") == "__metrics_path__"), "") or ""
+        through_api = str(address).startswith("kubernetes.default.svc")
+        if through_api and re.match(r"^/api/v1/nodes/[^/]+/proxy(/|$)", path):
+            needs.setdefault(("*", "", "nodes/proxy", "get"), set()).add(name)
+        elif through_api and re.match(r"^/api/v1/namespaces/", path):
+            needs.setdefault(("*", "", "pods/proxy", "get"), set()).add(name)
+        elif "credentials_file" in str(job.get("authorization") or "") and "node" in [sd.get("role") for sd in job.get("kubernetes_sd_configs") or []]:
+            needs.setdefault(("*", "", "nodes/metrics", "get"), set()).add(name)  # kubelets scraped directly
+    return needs
+
+
+def check_prometheus_rbac(r: Report, objs: dict, docs: list[dict]) -> None:
+    """Prometheus' grants are exactly what its scrape jobs use: no grant without a job, no job
+    without its grant, namespaced where the job is namespaced."""
+    prom_cfg = yaml.safe_load(((objs.get(("ConfigMap", "prometheus-config")) or {}).get("data") or {}).get("prometheus.yml") or "null")
+    prom = objs.get(("Deployment", "prometheus"))
+    if not isinstance(prom_cfg, dict) or not prom:
+        return
+    sa = prom["spec"]["template"]["spec"].get("serviceAccountName", "default")
+    needs = prometheus_needs(prom_cfg)
+    grants: dict[tuple[str, str, str, str], str] = {}
+    for binding in (d for d in docs if d["kind"] in ("ClusterRoleBinding", "RoleBinding")):
+        if not any(s.get("kind") == "ServiceAccount" and s.get("name") == sa and s.get("namespace") == NAMESPACE for s in binding.get("subjects") or []):
+            continue
+        ref = binding["roleRef"]
+        role = objs.get((ref["kind"], ref["name"]))
+        if not r.check(role is not None, f"{binding['kind']}/{binding['metadata']['name']} binds {ref['kind']}/{ref['name']}, not in the render"):
+            continue
+        scope = "*" if binding["kind"] == "ClusterRoleBinding" else binding["metadata"].get("namespace", NAMESPACE)
+        where = f"{ref['kind']} {ref['name']} (through {binding['kind']} {binding['metadata']['name']})"
+        for rule in role.get("rules") or []:
+            for url in rule.get("nonResourceURLs") or []:
+                r.check(False, f"{where} grants {rule.get('verbs')} on non-resource URL {url}, which no scrape job of prometheus.yml needs")
+            for group in rule.get("apiGroups") or []:
+                for resource in rule.get("resources") or []:
+                    for verb in rule.get("verbs") or []:
+                        r.check("*" not in (group, resource, verb), f"{where} grants a wildcard ({verb} {group}/{resource})")
+                        grants[(scope, group, resource, verb)] = where
+    for (scope, group, resource, verb), where in sorted(grants.items()):
+        needed = needs.get((scope, group, resource, verb))
+        if needed:
+            continue
+        narrower = sorted(ns for (ns, g, res, v) in needs if (g, res, v) == (group, resource, verb) and ns != "*")
+        if scope == "*" and narrower:
+            r.check(False, f"{where} grants {verb} {group or 'core'}/{resource} cluster-wide; the scrape jobs need it only in namespace(s) {narrower}: use a Role there")
+        else:
+            r.check(False, f"{where} grants {verb} {group or 'core'}/{resource}{'' if scope == '*' else ' in namespace ' + scope}, which no scrape job of prometheus.yml needs")
+    for (scope, group, resource, verb), jobs in sorted(needs.items()):
+        r.check((scope, group, resource, verb) in grants or ("*", group, resource, verb) in grants,
+                f"scrape job(s) {sorted(jobs)} need {verb} {group or 'core'}/{resource}{'' if scope == '*' else ' in namespace ' + scope}, which no binding grants ServiceAccount {sa}")
+
+
+PRIVATE_NETS = [ipaddress.ip_network(n) for n in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10", "fc00::/7")]
+
+
+def check_prometheus_egress(r: Report, docs: list[dict]) -> None:
+    """Prometheus reaches the API server by address: only private ranges, or a single address
+    (a /32 an overlay adds for a control plane with a public address)."""
+    for p in (d for d in docs if d["kind"] == "NetworkPolicy"):
+        if not selects(p["spec"].get("podSelector", {}), {"app.kubernetes.io/name": "prometheus"}):
+            continue
+        for rule in p["spec"].get("egress") or []:
+            for peer in rule.get("to") or []:
+                block = peer.get("ipBlock")
+                if not block:
+                    continue
+                net = ipaddress.ip_network(block["cidr"], strict=False)
+                narrow = any(net.version == n.version and net.subnet_of(n) for n in PRIVATE_NETS) or net.num_addresses == 1
+                r.check(narrow, f"NetworkPolicy {p['metadata']['name']} lets Prometheus reach {block['cidr']}: public addresses (only private ranges or single addresses of the API server)")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,10 @@
 #      probes/ports/annotations vs the binary, generated ConfigMaps byte-identical to the
 #      monitoring sources, mount paths, NetworkPolicy flows, restricted security context,
 #      pinned images, pods sharing a ReadWriteOnce claim kept on one node, metric names read by
-#      rules and dashboards (kube_* ones exposed by kube-state-metrics and allowed by its RBAC)
+#      rules and dashboards (kube_* ones exposed by kube-state-metrics and allowed by its RBAC);
+#      least privilege: database roles per client (never the administrator), Redis password,
+#      Prometheus' RBAC exactly what its scrape jobs use and its egress to private addresses
+#      only, each with a negative control (tests/deploy/break_render.py)
 #   5. hadolint on the Dockerfile, check-jsonschema on .github/workflows/
 # Nothing is written inside the repository.
 set -euo pipefail
@@ -86,7 +89,7 @@ find "$T/overlays" -path '*/secrets/*' -type f ! -name '*.example' -delete
 for overlay in minikube production; do
   if out="$(kubectl kustomize "$T/overlays/$overlay" 2>&1)"; then
     bad "overlays/$overlay renders without its secret files (it must not)"
-  elif grep -q 'secrets/database.env\|secrets/alertmanager-slack.env\|secrets/grafana.env' <<<"$out"; then
+  elif grep -q 'secrets/database.env\|secrets/database-admin.env\|secrets/redis.env\|secrets/alertmanager-slack.env\|secrets/grafana.env' <<<"$out"; then
     ok "overlays/$overlay without secret files fails, naming the file"
   else
     bad "overlays/$overlay without secret files fails without naming the file: $out"
@@ -206,6 +209,23 @@ fails_for "cross-checks on a render whose health-check Job lost the backup-volum
   "CronJob/endpoint-stats-health-check mounts ReadWriteOnce claim" \
   "$PY" tests/deploy/check_manifests.py "$TMP/bad-affinity.yaml" --variant base --repo-root "$REPO_ROOT" \
   --monitoring-dir "$MONITORING"
+# Least privilege (issue 16): each check fails on the production render broken in one way.
+least_privilege_control() { # least_privilege_control BREAKAGE REASON DESCRIPTION
+  "$PY" tests/deploy/break_render.py "$TMP/production.yaml" "$TMP/bad-$1.yaml" "$1"
+  fails_for "cross-checks on a render where $3" "$2" \
+    "$PY" tests/deploy/check_manifests.py "$TMP/bad-$1.yaml" --variant production --repo-root "$REPO_ROOT" \
+    --monitoring-dir "$MONITORING"
+}
+least_privilege_control superuser-database-url "connects as the PostgreSQL superuser" \
+  "the service's DATABASE_URL is the superuser's"
+least_privilege_control redis-without-password "Redis accepts clients without a password" \
+  "Redis runs without a password (--protected-mode no)"
+least_privilege_control unused-grant "which no scrape job of prometheus.yml needs" \
+  "Prometheus' ClusterRole grants nodes/metrics, which no scrape job uses"
+least_privilege_control cluster-wide-pods "the scrape jobs need it only in namespace(s)" \
+  "Prometheus may list pods cluster-wide, where its job is namespaced"
+least_privilege_control public-egress "public addresses" \
+  "Prometheus' egress to the API server is 0.0.0.0/0"
 step_verbose "metric names read by rules and dashboards have producers" "$PY" tests/deploy/check_metrics.py \
   --repo-root "$REPO_ROOT" --monitoring-dir "$MONITORING"
 sed 's/horizontalpodautoscalers,//' deploy/kubernetes/base/kube-state-metrics/deployment.yaml >"$TMP/ksm-no-hpa.yaml"

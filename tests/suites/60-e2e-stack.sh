@@ -11,7 +11,14 @@
 #      RedisConnectionIssues (Redis stopped), each posted to the channel that alertmanager.yml
 #      routes it to;
 #   a2. the dashboard again, after those faults and restarts;
-#   c. a rolling restart of the replicas under load: every request 200, no lost count.
+#   c. a rolling restart of the replicas under load: every request 200, no lost count;
+#   d. least privilege: the replicas connect as endpoint_stats_app, which may not DROP or CREATE
+#      a table (nor DELETE, write _sqlx_migrations, create temporary tables or migrate); the
+#      tables belong to endpoint_stats_owner, which ran the migrations; wrong passwords are
+#      refused (scram-sha-256); backup runs as endpoint_stats_backup, verify-backup as
+#      endpoint_stats_verify (CREATEDB; the backup role cannot), restore as the owner (the
+#      service's role cannot), maintain as the owner with Redis' password; Redis refuses a client
+#      without the password (NOAUTH).
 # Takes about two minutes.
 # Run by scripts/test.sh (REPO_ROOT, ENDPOINT_STATS_BIN exported); alone:
 #   REPO_ROOT=$PWD ENDPOINT_STATS_BIN=$PWD/target/release/endpoint-stats bash tests/suites/60-e2e-stack.sh
@@ -105,9 +112,8 @@ all_replicas_ready() {
   local url
   for url in "${REPLICA_URL_LIST[@]}"; do http_ok "$url/ready" || return 1; done
 }
-stored_count() {
-  psql -h 127.0.0.1 -p "$POSTGRES_PORT" -U postgres -d endpoint_stats -tAc \
-    "select coalesce(max(access_count), 0) from endpoint_access where endpoint = '/'"
+stored_count() { # read as the service's role (TCP, scram-sha-256, like every client of the stack)
+  psql -X "$DATABASE_URL" -tAc "select coalesce(max(access_count), 0) from endpoint_access where endpoint = '/'"
 }
 load_through_lb() { # a few seconds of load on every counted route, and some 404s
   wrk -t2 -c16 -d4s "$LB_URL/" | grep -E 'Requests/sec|requests in|Non-2xx' | sed 's/^/  wrk \/: /'
@@ -209,6 +215,91 @@ LOAD_PID=""
 after="$(stored_count)"
 record "rolling restart: every request 200, no lost or duplicated count" \
   "${E2E[@]}" check-counts --results "$results" --before "$before" --after "$after"
+
+# ----------------------------------------------------------------------------------------------
+section "d. least privilege: database roles and Redis authentication"
+# sql_as URL_VARIABLE SQL: runs SQL as the role of that URL; prints psql's output, errors included
+sql_as() { psql -X -v ON_ERROR_STOP=1 "${!1}" -tAc "$2" 2>&1; }
+# must_fail NAME EXPECTED CMD...: CMD fails, and says EXPECTED
+must_fail() {
+  local name="$1" expected="$2" out
+  shift 2
+  if out="$("$@" 2>&1)"; then
+    fail "$name: succeeded, must fail"
+  elif grep -qF -- "$expected" <<<"$out"; then
+    pass "$name: refused ($(grep -F -m1 -- "$expected" <<<"$out" | sed 's/^ *//' | cut -c1-110))"
+  else
+    fail "$name: failed, but without \"$expected\": $(tail -2 <<<"$out" | tr '\n' ' ')"
+  fi
+}
+must_pass() { # must_pass NAME CMD...
+  local name="$1" out
+  shift
+  if out="$("$@" 2>&1)"; then pass "$name: $(tail -1 <<<"$out" | cut -c1-150)"; else fail "$name: $(tail -3 <<<"$out" | tr '\n' ' ')"; fi
+}
+ops() { # ops URL_VARIABLE SUBCOMMAND ARGS...: the binary as that role
+  local url="${!1}"
+  shift
+  DATABASE_URL="$url" LOG_FORMAT=text RUST_LOG=warn "$ENDPOINT_STATS_BIN" "$@"
+}
+
+users="$(psql -X "$OWNER_DATABASE_URL" -tAc "select string_agg(distinct usename, ',') from pg_stat_activity where application_name = 'endpoint-stats'")"
+if [[ "$users" == endpoint_stats_app ]]; then pass "the replicas' connections are all endpoint_stats_app's"; else fail "the replicas connect as ${users:-nobody}, expected endpoint_stats_app only"; fi
+if [[ "$(curl -s --max-time 5 "$LB_URL/")" == *access_count* ]]; then pass "the service counts as endpoint_stats_app (GET / 200 with a count)"; else fail "GET / as endpoint_stats_app"; fi
+must_fail "DROP TABLE as the service's role" "must be owner of table endpoint_access" sql_as DATABASE_URL "DROP TABLE endpoint_access"
+must_fail "CREATE TABLE as the service's role" "permission denied for schema public" sql_as DATABASE_URL "CREATE TABLE intruder (a int)"
+must_fail "DELETE as the service's role" "permission denied for table endpoint_access" sql_as DATABASE_URL "DELETE FROM endpoint_access"
+must_fail "writing _sqlx_migrations as the service's role" "permission denied for table _sqlx_migrations" \
+  sql_as DATABASE_URL "UPDATE _sqlx_migrations SET success = false"
+must_fail "a temporary table as the service's role" "permission denied to create temporary tables" sql_as DATABASE_URL "CREATE TEMP TABLE t (a int)"
+must_fail "endpoint-stats migrate as the service's role" "permission denied for schema public" ops DATABASE_URL migrate
+owners="$(sql_as OWNER_DATABASE_URL "select string_agg(tablename || '=' || tableowner, ',' order by tablename) from pg_tables where schemaname = 'public'")"
+applied="$(sql_as OWNER_DATABASE_URL "select count(*) from _sqlx_migrations where success")"
+if [[ "$owners" == "_sqlx_migrations=endpoint_stats_owner,endpoint_access=endpoint_stats_owner" && "$applied" -ge 1 ]]; then
+  pass "migrations ran as endpoint_stats_owner: $owners, $applied applied"
+else
+  fail "tables and migrations: owners $owners, applied $applied"
+fi
+wrong_password="$(sed -E 's#^(postgres://[^:]+:)[^@]+@#\1wrong-password@#' <<<"$DATABASE_URL")"
+must_fail "endpoint_stats_app with a wrong password" "password authentication failed" psql -X "$wrong_password" -tAc "select 1"
+superuser="postgres://postgres@127.0.0.1:$POSTGRES_PORT/endpoint_stats?sslmode=disable"
+must_fail "the superuser over TCP with a wrong password" "password authentication failed for user \"postgres\"" \
+  env PGPASSWORD=wrong-password psql -X -w "$superuser" -tAc "select 1"
+
+backups="$E2E_WORK/backups"
+mkdir -p "$backups"
+must_pass "backup as endpoint_stats_backup" ops BACKUP_DATABASE_URL backup --dir "$backups" --retention-days 10
+must_pass "verify-backup as endpoint_stats_verify (CREATEDB: scratch created and dropped)" ops VERIFY_DATABASE_URL verify-backup --dir "$backups"
+must_fail "verify-backup as endpoint_stats_backup (no CREATEDB)" "permission denied to create database" ops BACKUP_DATABASE_URL verify-backup --dir "$backups"
+before_restore="$(stored_count)"
+must_fail "restore as the service's role" "must be owner" ops DATABASE_URL restore --latest --dir "$backups" --yes
+must_pass "restore as endpoint_stats_owner" ops OWNER_DATABASE_URL restore --latest --dir "$backups" --yes
+# pg_restore recreates the tables as the owner: default privileges grant them again; the roles
+# step re-applied (as after every restore, docs/operations/disaster-recovery.md) takes back what
+# the defaults give the service on _sqlx_migrations.
+must_pass "roles re-applied after the restore (apply-roles.sh)" env PGUSER=postgres PGPASSWORD="$POSTGRES_ADMIN_PASSWORD" \
+  OWNER_DATABASE_URL="$OWNER_DATABASE_URL" APP_DATABASE_URL="$DATABASE_URL" BACKUP_DATABASE_URL="$BACKUP_DATABASE_URL" \
+  VERIFY_DATABASE_URL="$VERIFY_DATABASE_URL" MONITOR_DATABASE_URL="$MONITOR_DATABASE_URL" \
+  bash "$REPO_ROOT/deploy/kubernetes/base/postgres/apply-roles.sh"
+must_fail "writing _sqlx_migrations as the service's role, after restore and roles" "permission denied for table _sqlx_migrations" \
+  sql_as DATABASE_URL "UPDATE _sqlx_migrations SET success = false"
+count_after="$(curl -s --max-time 5 "$LB_URL/" | jq -r .access_count)"
+if [[ "$count_after" =~ ^[0-9]+$ ]] && ((count_after > before_restore)); then
+  pass "the service counts on after the restore, as endpoint_stats_app (/ at $count_after, $before_restore before)"
+else
+  fail "counting after the restore: / answered ${count_after:-nothing} (stored before: $before_restore)"
+fi
+# redis-cli exits 0 on an error reply: its output decides
+redis_as() { local out; out="$("$@" 2>&1)"; printf '%s\n' "$out"; ! grep -qE 'NOAUTH|WRONGPASS|^ERR|^\(error\)' <<<"$out"; }
+must_fail "Redis without the password" "NOAUTH" redis_as redis-cli -h 127.0.0.1 -p "$REDIS_PORT" set intruder 1
+must_fail "Redis with a wrong password" "WRONGPASS" redis_as redis-cli --no-auth-warning -a wrong-password -h 127.0.0.1 -p "$REDIS_PORT" ping
+must_pass "Redis with the password (REDISCLI_AUTH)" redis_as env REDISCLI_AUTH="$REDIS_PASSWORD" redis-cli -h 127.0.0.1 -p "$REDIS_PORT" ping
+must_pass "maintain as endpoint_stats_owner, Redis through REDIS_URL with the password" \
+  env REDIS_URL="$REDIS_URL" DATABASE_URL="$OWNER_DATABASE_URL" LOG_FORMAT=text RUST_LOG=warn "$ENDPOINT_STATS_BIN" maintain
+must_fail "maintain with a REDIS_URL without the password" "NOAUTH" \
+  env REDIS_URL="redis://127.0.0.1:$REDIS_PORT" DATABASE_URL="$OWNER_DATABASE_URL" LOG_FORMAT=text RUST_LOG=warn "$ENDPOINT_STATS_BIN" maintain
+if curl -s --max-time 5 "$REDIS_EXPORTER_URL" | grep -qx 'redis_up 1'; then pass "redis_exporter authenticates (redis_up 1)"; else fail "redis_exporter: redis_up is not 1"; fi
+if curl -s --max-time 5 "$POSTGRES_EXPORTER_URL" | grep -qx 'pg_up 1'; then pass "postgres_exporter connects as endpoint_stats_monitor (pg_up 1)"; else fail "postgres_exporter: pg_up is not 1"; fi
 
 # ----------------------------------------------------------------------------------------------
 section "summary"
