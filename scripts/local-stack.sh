@@ -145,7 +145,7 @@ find_tools() {
     PG_AS=(setpriv --reuid=postgres --regid=postgres --init-groups --)
   fi
   PYTHON=python3
-  [[ -x "$REPO_ROOT/.venv/bin/python" ]] && PYTHON="$REPO_ROOT/.venv/bin/python"
+  if [[ -x "$REPO_ROOT/.venv/bin/python" ]]; then PYTHON="$REPO_ROOT/.venv/bin/python"; fi
 }
 
 # ---------------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ for tool in chromium wrk curl; do
 done
 [[ -x "$ENDPOINT_STATS_BIN" ]] || { echo "missing $ENDPOINT_STATS_BIN (cargo build --release)" >&2; exit 1; }
 PY=python3
-[[ -x "$REPO_ROOT/.venv/bin/python" ]] && PY="$REPO_ROOT/.venv/bin/python"
+if [[ -x "$REPO_ROOT/.venv/bin/python" ]]; then PY="$REPO_ROOT/.venv/bin/python"; fi
 E2E=("$PY" "$REPO_ROOT/tests/e2e/e2e.py")
 STACK=(bash "$REPO_ROOT/scripts/local-stack.sh")
 

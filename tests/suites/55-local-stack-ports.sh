@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The local stack refuses to start on a port that is already in use, names that port, and starts
-# nothing (no process, no state left running).
+# nothing (no process, no state left running): from this checkout, and from a fresh clone that has
+# no .venv yet, as a newcomer's has before scripts/test.sh ever ran.
 set -euo pipefail
 
 REPO_ROOT="${REPO_ROOT:-$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)}"
@@ -33,18 +34,26 @@ holder=$!
 for _ in $(seq 1 50); do [[ -s "$port_file" ]] && break; sleep 0.1; done
 port="$(cat "$port_file")"
 
-set +e
-output="$(ENDPOINT_STATS_BIN="${ENDPOINT_STATS_BIN:-$REPO_ROOT/target/release/endpoint-stats}" \
-  bash "$REPO_ROOT/scripts/local-stack.sh" up --dir "$work/stack" --base-port "$port" 2>&1)"
-status=$?
-set -e
+failures=0 checks=0
+pass() { echo "PASS: $1"; checks=$((checks + 1)); }
+fail() { echo "FAIL: $1"; checks=$((checks + 1)); failures=$((failures + 1)); }
 
-failures=0
-pass() { echo "PASS: $1"; }
-fail() { echo "FAIL: $1"; failures=$((failures + 1)); }
-if ((status != 0)); then pass "up exits non-zero when port $port is taken (exit $status)"; else fail "up started although port $port is taken"; fi
-if [[ "$output" == *"$port"* ]]; then pass "the message names port $port"; else fail "the message does not name port $port"; fi
-if pgrep -f "$work/stack" >/dev/null; then fail "pieces of the stack still run"; else pass "nothing of the stack runs afterwards"; fi
-if ((failures)); then printf '%s\n' "--- local-stack.sh said:" "$output"; fi
-echo "local-stack-ports: $((3 - failures)) passed, $failures failed"
+# The committed files only: no .venv, no target/.
+clone="$work/clone"
+git clone -q "$REPO_ROOT" "$clone"
+[[ ! -e "$clone/.venv" ]] || { echo "the clone has a .venv"; exit 1; }
+
+for root in "$REPO_ROOT" "$clone"; do
+  where="${root/#$clone/a fresh clone}"
+  set +e
+  output="$(ENDPOINT_STATS_BIN="${ENDPOINT_STATS_BIN:-$REPO_ROOT/target/release/endpoint-stats}" \
+    bash "$root/scripts/local-stack.sh" up --dir "$work/stack" --base-port "$port" 2>&1)"
+  status=$?
+  set -e
+  if ((status != 0)); then pass "$where: up exits non-zero when port $port is taken (exit $status)"; else fail "$where: up started although port $port is taken"; fi
+  if [[ "$output" == *"$port"* ]]; then pass "$where: the message names port $port"; else fail "$where: the message does not name port $port"; fi
+  if pgrep -f "$work/stack" >/dev/null; then fail "$where: pieces of the stack still run"; else pass "$where: nothing of the stack runs afterwards"; fi
+  if ((failures)); then printf '%s\n' "--- local-stack.sh said:" "$output"; fi
+done
+echo "local-stack-ports: $((checks - failures)) passed, $failures failed"
 ((failures == 0))

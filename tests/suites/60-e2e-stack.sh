@@ -36,7 +36,7 @@ RULES="$MONITORING/prometheus/rules/endpoint-stats.rules.yml"
 ALERTMANAGER_YML="$MONITORING/alertmanager/alertmanager.yml"
 DASHBOARD="$MONITORING/grafana/dashboards/endpoint-statistics.json"
 PY=python3
-[[ -x "$REPO_ROOT/.venv/bin/python" ]] && PY="$REPO_ROOT/.venv/bin/python"
+if [[ -x "$REPO_ROOT/.venv/bin/python" ]]; then PY="$REPO_ROOT/.venv/bin/python"; fi
 E2E=("$PY" "$REPO_ROOT/tests/e2e/e2e.py")
 STACK=(bash "$REPO_ROOT/scripts/local-stack.sh")
 
