@@ -6,45 +6,10 @@
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, ValueEnum};
 use url::Url;
 
 pub const DEFAULT_DATABASE_URL: &str = "sqlite://endpoint-stats.db";
-
-#[derive(Debug, Parser)]
-#[command(
-    name = "endpoint-stats",
-    version,
-    about = "Counts accesses to its API endpoints: exactly, durably and fast, across replicas",
-    propagate_version = true,
-    args_conflicts_with_subcommands = true
-)]
-pub struct Cli {
-    #[command(subcommand)]
-    pub command: Option<Command>,
-
-    /// Options of `serve`, also accepted without the subcommand (serve is the default).
-    #[command(flatten)]
-    pub serve: ServeArgs,
-}
-
-#[derive(Debug, Subcommand)]
-pub enum Command {
-    /// Serve the HTTP API (the default).
-    Serve(ServeArgs),
-    /// Apply the database migrations and exit (for an init container).
-    Migrate(DatabaseArgs),
-    /// Write a consistent, checksummed dump of the database and prune old ones.
-    Backup(crate::ops::backup::BackupArgs),
-    /// Restore the newest dump into a scratch database and compare it with its manifest.
-    VerifyBackup(crate::ops::verify::VerifyArgs),
-    /// Disaster recovery: restore a dump into the database of DATABASE_URL.
-    Restore(crate::ops::restore::RestoreArgs),
-    /// VACUUM ANALYZE, index and bloat report, Redis housekeeping.
-    Maintain(crate::ops::maintain::MaintainArgs),
-    /// Health of the whole system: replicas, PostgreSQL, Redis, Prometheus, Alertmanager, backups.
-    Check(crate::ops::check::CheckArgs),
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
@@ -368,22 +333,5 @@ mod tests {
     #[test]
     fn sqlite_default_is_accepted() {
         assert!(!DatabaseUrl::parse(DEFAULT_DATABASE_URL).expect("default").is_postgres());
-    }
-
-    #[test]
-    fn rust_log_flag_matches_its_variable() {
-        for flag in ["--rust-log", "--log-level"] {
-            let cli = Cli::try_parse_from(["endpoint-stats", flag, "debug"]).expect(flag);
-            assert_eq!(cli.serve.database.log_level, "debug", "{flag}");
-        }
-    }
-
-    #[test]
-    fn empty_database_url_means_the_sqlite_default() {
-        for empty in ["", "  "] {
-            let cli = Cli::try_parse_from(["endpoint-stats", "--database-url", empty]).expect("parses");
-            let settings = cli.serve.database.settings().expect("empty counts as unset");
-            assert_eq!(settings.url.expose(), DEFAULT_DATABASE_URL, "{empty:?}");
-        }
     }
 }

@@ -1,16 +1,20 @@
 //! endpoint-stats: counts accesses to its API endpoints exactly, durably and fast, across any
 //! number of replicas, plus the operations commands that keep it running.
 //!
+//! - [`cli`]: the command line: `serve` and the operations subcommands
 //! - [`config`]: environment and flags, validated once
 //! - [`startup`]: `Application::build` and graceful shutdown
 //! - [`server`]: the HTTP/1 connection loop: timeouts, connection cap, shutdown of connections
 //! - [`routes`]: the HTTP contract
+//! - [`endpoints`]: which endpoints are counted
 //! - [`store`]: the counting store (group commit over PostgreSQL or SQLite)
 //! - [`windows`]: recent-window counters (Redis or in-process)
 //! - [`telemetry`]: logs and metrics
 //! - [`ops`]: backup, verify-backup, restore, maintain, check
 
+pub mod cli;
 pub mod config;
+pub mod endpoints;
 pub mod ops;
 pub mod routes;
 pub mod server;

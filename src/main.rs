@@ -1,7 +1,8 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use endpoint_stats::config::{Cli, Command, DatabaseArgs};
+use endpoint_stats::cli::{Cli, Command};
+use endpoint_stats::config::DatabaseArgs;
 use endpoint_stats::startup::Application;
 use endpoint_stats::store::Database;
 use endpoint_stats::{ops, telemetry};

@@ -17,7 +17,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use serde::Serialize;
 
 use crate::config::RedisSettings;
-use crate::store::{CountedEndpoint, PerEndpoint, COUNTED_ENDPOINTS};
+use crate::endpoints::{CountedEndpoint, PerEndpoint, COUNTED_ENDPOINTS};
 use crate::telemetry::Metrics;
 
 /// Width of the fine buckets; "last minute" is the sum of the newest six.
