@@ -18,6 +18,7 @@ pub mod endpoints;
 pub mod ops;
 pub mod routes;
 pub mod server;
+pub mod signals;
 pub mod startup;
 pub mod store;
 pub mod telemetry;

@@ -22,9 +22,8 @@ use super::dumps::{
     ToolInfo, MANIFEST_FORMAT,
 };
 use super::pg::{find_tool, inventory, run_tool, tool_version, PgTarget};
-use super::{interrupted, seconds, PendingFiles};
+use super::{interrupted, seconds, sql_failed, PendingFiles};
 use crate::config::DatabaseArgs;
-use crate::store::describe_sqlx_error;
 use crate::telemetry;
 
 /// Unfinished files of a crashed run are removed by the next run once they are this old.
@@ -124,24 +123,23 @@ async fn write_backup(
 ) -> anyhow::Result<Manifest> {
     let pg_dump_version = tool_version(pg_dump).await?;
     let mut connection = target.connect().await.context("DATABASE_URL")?;
-    let sql_error = |what: &'static str| move |e: sqlx::Error| anyhow::anyhow!("{what}: {}", describe_sqlx_error(&e));
 
     // The snapshot is taken by the first statement of the transaction: the export itself.
     sqlx::raw_sql("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
         .execute(&mut connection)
         .await
-        .map_err(sql_error("starting the snapshot transaction"))?;
+        .map_err(sql_failed("starting the snapshot transaction"))?;
     let (snapshot,): (String,) = sqlx::query_as("SELECT pg_export_snapshot()")
         .fetch_one(&mut connection)
         .await
-        .map_err(sql_error("exporting the snapshot"))?;
+        .map_err(sql_failed("exporting the snapshot"))?;
     let (database, server_version, server_version_num, database_bytes): (String, String, String, i64) = sqlx::query_as(
         "SELECT current_database(), current_setting('server_version'), current_setting('server_version_num'), \
          pg_database_size(current_database())",
     )
     .fetch_one(&mut connection)
     .await
-    .map_err(sql_error("reading the server version"))?;
+    .map_err(sql_failed("reading the server version"))?;
     let contents = inventory(&mut connection).await?;
 
     let temp_dump = dir.join(partial_name(name));
@@ -153,7 +151,7 @@ async fn write_backup(
     tracing::info!(database = %database, snapshot = %snapshot, "pg_dump started");
     run_tool(tool, "pg_dump").await?;
     // pg_dump has imported the snapshot and finished: the transaction may end.
-    sqlx::raw_sql("COMMIT").execute(&mut connection).await.map_err(sql_error("ending the snapshot transaction"))?;
+    sqlx::raw_sql("COMMIT").execute(&mut connection).await.map_err(sql_failed("ending the snapshot transaction"))?;
     let _ = connection.close().await;
 
     sync_file(&temp_dump).await?;

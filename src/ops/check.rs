@@ -147,7 +147,7 @@ pub async fn run(args: CheckArgs) -> anyhow::Result<ExitCode> {
         };
         let started = Instant::now();
         let outcome = tokio::time::timeout(timeout, probe).await;
-        let latency_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let latency_ms = crate::telemetry::millis(started.elapsed());
         let (status, detail) = match outcome {
             Ok(Ok(detail)) => (Status::Ok, detail),
             Ok(Err(detail)) => (Status::Failed, detail),
@@ -287,11 +287,8 @@ async fn probe_redis(url: String, timeout: Duration) -> Result<String, String> {
         client.get_multiplexed_async_connection_with_config(&config).await.map_err(|e| format!("unreachable: {e}"))?;
     let pong: String = redis::cmd("PING").query_async(&mut connection).await.map_err(|e| format!("PING: {e}"))?;
     let info: String = redis::cmd("INFO").arg("memory").query_async(&mut connection).await.unwrap_or_default();
-    let memory = info
-        .lines()
-        .find_map(|l| l.strip_prefix("used_memory_human:"))
-        .map(|m| format!(", used memory {}", m.trim()))
-        .unwrap_or_default();
+    let memory =
+        super::redis_info_field(&info, "used_memory_human").map(|m| format!(", used memory {m}")).unwrap_or_default();
     Ok(format!("PING {pong}{memory}"))
 }
 

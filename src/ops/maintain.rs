@@ -16,9 +16,10 @@ use serde::Serialize;
 use sqlx::Row;
 
 use super::pg::quote_table;
+use super::{redis_info_field, sql_failed};
 use crate::config::{DatabaseArgs, DatabaseUrl, RedisArgs};
-use crate::store::{describe_sqlx_error, Database};
-use crate::telemetry;
+use crate::store::Database;
+use crate::telemetry::{self, millis};
 use crate::windows::{window_key_end, window_key_prefix, LONGEST_WINDOW_SECONDS};
 
 const REDIS_TIMEOUT: Duration = Duration::from_secs(5);
@@ -176,7 +177,7 @@ pub async fn run(args: MaintainArgs) -> anyhow::Result<ExitCode> {
     let report = Report {
         ok: failures.is_empty(),
         started_at,
-        duration_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+        duration_ms: millis(started.elapsed()),
         database,
         redis,
         warnings,
@@ -205,12 +206,11 @@ async fn maintain_database(args: &MaintainArgs, warnings: &mut Vec<String>) -> a
 }
 
 async fn maintain_postgres(pool: &sqlx::PgPool) -> anyhow::Result<DatabaseReport> {
-    let fail = |what: &'static str| move |e: sqlx::Error| anyhow::anyhow!("{what}: {}", describe_sqlx_error(&e));
     let (name, database_bytes): (String, i64) =
         sqlx::query_as("SELECT current_database(), pg_database_size(current_database())")
             .fetch_one(pool)
             .await
-            .map_err(fail("reading the database"))?;
+            .map_err(sql_failed("reading the database"))?;
     let before = table_stats(pool).await?;
 
     let vacuum_started = Instant::now();
@@ -219,12 +219,10 @@ async fn maintain_postgres(pool: &sqlx::PgPool) -> anyhow::Result<DatabaseReport
         sqlx::raw_sql(&format!("VACUUM (ANALYZE) {}", quote_table(&stats.schema, &stats.table)))
             .execute(pool)
             .await
-            .map_err(|e| {
-                anyhow::anyhow!("VACUUM (ANALYZE) {}.{}: {}", stats.schema, stats.table, describe_sqlx_error(&e))
-            })?;
+            .map_err(sql_failed(format_args!("VACUUM (ANALYZE) {}.{}", stats.schema, stats.table)))?;
         vacuumed.push(format!("{}.{}", stats.schema, stats.table));
     }
-    let vacuum_ms = u64::try_from(vacuum_started.elapsed().as_millis()).unwrap_or(u64::MAX);
+    let vacuum_ms = millis(vacuum_started.elapsed());
     let _ = sqlx::raw_sql("SELECT pg_stat_clear_snapshot()").execute(pool).await;
     let after = table_stats(pool).await?;
 
@@ -255,7 +253,7 @@ async fn maintain_postgres(pool: &sqlx::PgPool) -> anyhow::Result<DatabaseReport
     )
     .fetch_all(pool)
     .await
-    .map_err(fail("reading index statistics"))?;
+    .map_err(sql_failed("reading index statistics"))?;
     let mut indexes = Vec::new();
     for row in index_rows {
         indexes.push(IndexReport {
@@ -274,7 +272,7 @@ async fn maintain_postgres(pool: &sqlx::PgPool) -> anyhow::Result<DatabaseReport
         sqlx::query_as("SELECT stats_reset FROM pg_stat_database WHERE datname = current_database()")
             .fetch_one(pool)
             .await
-            .map_err(fail("reading pg_stat_database"))?;
+            .map_err(sql_failed("reading pg_stat_database"))?;
 
     Ok(DatabaseReport {
         status: "ok".to_owned(),
@@ -308,7 +306,7 @@ async fn table_stats(pool: &sqlx::PgPool) -> anyhow::Result<Vec<TableStats>> {
     )
     .fetch_all(pool)
     .await
-    .map_err(|e| anyhow::anyhow!("reading pg_stat_user_tables: {}", describe_sqlx_error(&e)))?;
+    .map_err(sql_failed("reading pg_stat_user_tables"))?;
     rows.iter()
         .map(|row| {
             Ok(TableStats {
@@ -325,23 +323,24 @@ async fn table_stats(pool: &sqlx::PgPool) -> anyhow::Result<Vec<TableStats>> {
 }
 
 async fn maintain_sqlite(pool: &sqlx::SqlitePool, warnings: &mut Vec<String>) -> anyhow::Result<DatabaseReport> {
-    let fail = |what: &'static str| move |e: sqlx::Error| anyhow::anyhow!("{what}: {}", describe_sqlx_error(&e));
     let (check,): (String,) =
-        sqlx::query_as("PRAGMA integrity_check").fetch_one(pool).await.map_err(fail("PRAGMA integrity_check"))?;
+        sqlx::query_as("PRAGMA integrity_check").fetch_one(pool).await.map_err(sql_failed("PRAGMA integrity_check"))?;
     if check != "ok" {
         anyhow::bail!("SQLite integrity check failed: {check}");
     }
     let started = Instant::now();
-    sqlx::raw_sql("VACUUM").execute(pool).await.map_err(fail("VACUUM"))?;
-    sqlx::raw_sql("ANALYZE").execute(pool).await.map_err(fail("ANALYZE"))?;
-    let vacuum_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
-    let (rows,): (i64,) =
-        sqlx::query_as("SELECT count(*) FROM endpoint_access").fetch_one(pool).await.map_err(fail("counting rows"))?;
+    sqlx::raw_sql("VACUUM").execute(pool).await.map_err(sql_failed("VACUUM"))?;
+    sqlx::raw_sql("ANALYZE").execute(pool).await.map_err(sql_failed("ANALYZE"))?;
+    let vacuum_ms = millis(started.elapsed());
+    let (rows,): (i64,) = sqlx::query_as("SELECT count(*) FROM endpoint_access")
+        .fetch_one(pool)
+        .await
+        .map_err(sql_failed("counting rows"))?;
     let (pages, page_size): (i64, i64) =
         sqlx::query_as("SELECT (SELECT page_count FROM pragma_page_count), (SELECT page_size FROM pragma_page_size)")
             .fetch_one(pool)
             .await
-            .map_err(fail("reading the database size"))?;
+            .map_err(sql_failed("reading the database size"))?;
     warnings.push("SQLite backend: for development only; production runs PostgreSQL".to_owned());
     Ok(DatabaseReport {
         status: "ok".to_owned(),
@@ -439,14 +438,11 @@ async fn maintain_redis(url: &str, prefix: &str) -> anyhow::Result<RedisReport> 
     }
 
     let info: String = redis::cmd("INFO").arg("memory").query_async(&mut connection).await.context("INFO memory")?;
-    let field = |name: &str| {
-        info.lines()
-            .find_map(|line| line.strip_prefix(name).and_then(|r| r.strip_prefix(':')).map(|v| v.trim().to_owned()))
-    };
+    let field = |name: &str| redis_info_field(&info, name);
     report.used_memory_bytes = field("used_memory").and_then(|v| v.parse().ok());
-    report.used_memory_human = field("used_memory_human");
+    report.used_memory_human = field("used_memory_human").map(str::to_owned);
     report.maxmemory_bytes = field("maxmemory").and_then(|v| v.parse().ok());
-    report.maxmemory_policy = field("maxmemory_policy");
+    report.maxmemory_policy = field("maxmemory_policy").map(str::to_owned);
     report.db_keys = redis::cmd("DBSIZE").query_async(&mut connection).await.ok();
     Ok(report)
 }

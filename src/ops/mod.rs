@@ -49,27 +49,16 @@ impl Drop for PendingFiles {
     }
 }
 
-/// Resolves when the process is asked to stop (SIGTERM from Kubernetes, Ctrl-C), naming the
-/// signal; never resolves if no handler can be installed.
-pub(crate) async fn interrupted() -> &'static str {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
-            (Ok(mut term), Ok(mut int)) => tokio::select! {
-                _ = term.recv() => "SIGTERM",
-                _ = int.recv() => "SIGINT",
-            },
-            _ => std::future::pending().await,
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        match tokio::signal::ctrl_c().await {
-            Ok(()) => "Ctrl-C",
-            Err(_) => std::future::pending().await,
-        }
-    }
+pub(crate) use crate::signals::stop_requested as interrupted;
+
+/// `map_err` for a failed SQL step: what was being done, and the database's words without secrets.
+pub(crate) fn sql_failed(what: impl std::fmt::Display) -> impl FnOnce(sqlx::Error) -> anyhow::Error {
+    move |error| anyhow::anyhow!("{what}: {}", crate::store::describe_sqlx_error(&error))
+}
+
+/// A field of Redis' `INFO` answer (`name:value` lines), trimmed.
+pub(crate) fn redis_info_field<'a>(info: &'a str, name: &str) -> Option<&'a str> {
+    info.lines().find_map(|line| line.strip_prefix(name).and_then(|rest| rest.strip_prefix(':')).map(str::trim))
 }
 
 /// Seconds with millisecond precision, for summaries.

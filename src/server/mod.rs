@@ -35,7 +35,7 @@ use tower::ServiceExt;
 use crate::config::ConnectionLimits;
 use crate::routes::ErrorKind;
 use crate::telemetry::request_id::RequestId;
-use crate::telemetry::Metrics;
+use crate::telemetry::{millis, Metrics};
 use stream::TrackedStream;
 
 /// The largest request head hyper buffers. Above hyper's own URI limit (64 KiB, answered 414), so
@@ -85,7 +85,7 @@ struct Shared {
 impl Shared {
     /// Milliseconds since the server started, never 0 (0 means "not set" in the atomics).
     fn now_ms(&self) -> u64 {
-        u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX).saturating_add(1)
+        millis(self.started.elapsed()).saturating_add(1)
     }
 
     fn open(&self) -> MutexGuard<'_, HashMap<u64, Arc<ConnectionState>>> {
@@ -101,8 +101,8 @@ impl Shared {
     /// Closes the connections that have been quiet for too long.
     fn sweep(&self) {
         let now = self.now_ms();
-        let header_ms = duration_ms(self.limits.header_read_timeout);
-        let idle_ms = duration_ms(self.limits.idle_timeout);
+        let header_ms = millis(self.limits.header_read_timeout);
+        let idle_ms = millis(self.limits.idle_timeout);
         for connection in self.open().values() {
             match connection.quiet_since() {
                 Quiet::ReadingHead(since) if now.saturating_sub(since) >= header_ms => {
@@ -147,10 +147,6 @@ impl Shared {
             );
         }
     }
-}
-
-fn duration_ms(duration: Duration) -> u64 {
-    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// One connection's state, shared by its task, its stream and its requests.

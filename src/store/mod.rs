@@ -206,14 +206,6 @@ impl Database {
         })
     }
 
-    pub async fn all_endpoints(&self) -> Result<Vec<EndpointRecord>, StoreError> {
-        let rows = match self {
-            Self::Postgres(pool) => postgres::all_endpoints(pool).await?,
-            Self::Sqlite(pool) => sqlite::all_endpoints(pool).await?,
-        };
-        Ok(rows)
-    }
-
     /// (in use, idle, maximum) connections of the pool.
     pub fn pool_usage(&self) -> (u32, u32, u32) {
         let (size, idle, max) = match self {

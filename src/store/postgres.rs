@@ -12,7 +12,7 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgRow};
 use sqlx::{Connection, PgConnection, PgPool, Row};
 use url::Url;
 
-use super::{CommittedBatch, CountedEndpoint, EndpointRecord, EndpointRow, PerEndpoint, COUNTED_ENDPOINTS};
+use super::{CommittedBatch, CountedEndpoint, EndpointRecord, PerEndpoint, COUNTED_ENDPOINTS};
 use crate::config::{DatabaseSettings, DatabaseUrl};
 
 /// Keeps a hung query from holding the batcher; well above a healthy commit (< 10 ms).
@@ -212,13 +212,4 @@ fn committed_from_rows(rows: Vec<PgRow>, with_snapshot: bool) -> Result<Committe
         snapshot.sort_by(|a, b| a.endpoint.cmp(&b.endpoint));
     }
     Ok(CommittedBatch { counts_after, snapshot })
-}
-
-pub(super) async fn all_endpoints(pool: &PgPool) -> Result<Vec<EndpointRecord>, sqlx::Error> {
-    let rows: Vec<EndpointRow> = sqlx::query_as(
-        "SELECT endpoint, access_count, first_accessed, last_accessed FROM endpoint_access ORDER BY endpoint",
-    )
-    .fetch_all(pool)
-    .await?;
-    Ok(rows.into_iter().map(EndpointRecord::from).collect())
 }

@@ -74,10 +74,6 @@ pub(super) async fn commit_batch(
     Ok(CommittedBatch { counts_after, snapshot })
 }
 
-pub(super) async fn all_endpoints(pool: &SqlitePool) -> Result<Vec<EndpointRecord>, sqlx::Error> {
-    Ok(records(sqlx::query_as(SELECT_ALL).fetch_all(pool).await?))
-}
-
 fn records(rows: Vec<EndpointRow>) -> Vec<EndpointRecord> {
     rows.into_iter().map(EndpointRecord::from).collect()
 }

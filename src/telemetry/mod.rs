@@ -201,6 +201,11 @@ impl Metrics {
     }
 }
 
+/// Whole milliseconds, for reports and JSON (saturating: no duration here comes near the bound).
+pub fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
+
 /// The git revision baked in at build time (`ENDPOINT_STATS_REVISION`), or `unknown`.
 pub fn build_revision() -> &'static str {
     option_env!("ENDPOINT_STATS_REVISION").unwrap_or("unknown")
