@@ -5,15 +5,12 @@
 //! `sslrootcert`. Needs the PostgreSQL server binaries (initdb, pg_ctl) and openssl: a missing one
 //! fails the test, naming it. The cluster is stopped and its directory removed on drop.
 
-mod common;
-mod ops_support;
-
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use common::{access_count, free_port, settings, TestApp};
+use crate::helpers::ops::backup;
+use crate::helpers::{access_count, free_port, run_bin, settings, Output, TestApp};
 use endpoint_stats::config::{DatabaseSettings, DatabaseUrl};
-use ops_support::{backup, run_bin, Output};
 
 #[tokio::test]
 async fn the_service_and_backup_work_through_verify_full_with_the_ca_file() {

@@ -1,13 +1,10 @@
 //! Disaster-recovery drill, end to end: counts through the API, backup, verify-backup, restore
 //! into an empty new database, the service on the restored database answers the same counts.
 
-mod common;
-mod ops_support;
-
 use std::collections::BTreeMap;
 
-use common::{settings, TestApp, TestDatabase};
-use ops_support::*;
+use crate::helpers::ops::*;
+use crate::helpers::{run_bin, settings, TestApp, TestDatabase};
 
 /// `stats` map of a `/stats` answer.
 fn stats_map(body: &serde_json::Value) -> BTreeMap<String, i64> {

@@ -1,10 +1,7 @@
 //! `verify-backup`: a real restore into a scratch database; every fault named, scratch dropped.
 
-mod common;
-mod ops_support;
-
-use common::TestDatabase;
-use ops_support::*;
+use crate::helpers::ops::*;
+use crate::helpers::{self, run_bin, Output, TestDatabase};
 
 /// A seeded database and a backup of it in a temp dir.
 async fn backed_up() -> (TestDatabase, tempfile::TempDir) {
@@ -41,9 +38,11 @@ async fn a_good_backup_verifies_and_the_scratch_database_is_dropped() {
 #[tokio::test]
 async fn scratch_url_chooses_the_server() {
     let (_db, dir) = backed_up().await;
-    let output =
-        run_bin(&["verify-backup", "--dir", path_str(dir.path()), "--scratch-url", &common::postgres_admin_url()], &[])
-            .await;
+    let output = run_bin(
+        &["verify-backup", "--dir", path_str(dir.path()), "--scratch-url", &helpers::postgres_admin_url()],
+        &[],
+    )
+    .await;
     output.assert_success("verify-backup --scratch-url");
     assert_scratch_dropped(&output).await;
 }

@@ -1,7 +1,9 @@
-//! Test harness: a database per test, the application on port 0, real processes where a test
-//! needs to kill one. Nothing is left behind: databases are dropped, Redis keys deleted, child
-//! processes killed.
-#![allow(dead_code)]
+//! Test harness: a database per test, the application on port 0, the real binary where a test
+//! needs a process ([`launch`]), and the helpers of the operations tests ([`ops`]). Nothing is
+//! left behind: databases are dropped, Redis keys deleted, child processes killed.
+
+pub mod launch;
+pub mod ops;
 
 use std::net::SocketAddr;
 use std::process::Stdio;
@@ -9,7 +11,23 @@ use std::time::{Duration, Instant};
 
 use endpoint_stats::config::{ConnectionLimits, DatabaseSettings, DatabaseUrl, RedisSettings, Settings};
 use endpoint_stats::startup::Application;
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, Mutex, MutexGuard};
+
+pub use launch::{run_bin, Bin, Output, Replica};
+
+/// All tests of this crate run at once in one process (libtest's threads, `--test-threads`, as
+/// many as cores by default). The load-heavy ones (thousands of requests, several replicas, many
+/// processes or connections, a SIGKILL or SIGTERM under load) and those that bound an answer's or
+/// an exit's time take this first: one at a time, so that they neither starve nor time out each
+/// other. Lighter tests still run beside them, as they ran beside them in the one crate each
+/// used to be. A tokio mutex: held across awaits, released when a failing test unwinds (no
+/// poisoning), shared by the runtimes of all tests.
+static HEAVY: Mutex<()> = Mutex::const_new(());
+
+/// Waits for the other heavy tests; hold the guard for the whole test (`let _heavy = heavy().await;`).
+pub async fn heavy() -> MutexGuard<'static, ()> {
+    HEAVY.lock().await
+}
 
 /// The server that tests make their databases in. Trust auth on loopback, as scripts/test.sh sets up.
 pub fn postgres_admin_url() -> String {
@@ -153,7 +171,8 @@ impl Drop for TestRedisPrefix {
 pub struct OwnRedis {
     pub port: u16,
     child: Option<std::process::Child>,
-    dir: tempfile::TempDir,
+    /// Its working directory, removed on drop.
+    _dir: tempfile::TempDir,
 }
 
 impl OwnRedis {
@@ -167,7 +186,7 @@ impl OwnRedis {
             .stdout(Stdio::null())
             .spawn()
             .expect("redis-server (scripts/test.sh installs it)");
-        let redis = Self { port, child: Some(child), dir };
+        let redis = Self { port, child: Some(child), _dir: dir };
         wait_for_port(port, Duration::from_secs(10));
         redis
     }
@@ -266,105 +285,6 @@ pub fn client() -> reqwest::Client {
         .pool_max_idle_per_host(256)
         .build()
         .expect("HTTP client")
-}
-
-/// The real binary as a child process (for SIGKILL and SIGTERM tests, and several replicas).
-pub struct Replica {
-    pub port: u16,
-    pub address: String,
-    child: Option<tokio::process::Child>,
-}
-
-/// How a [`Replica`] is started beyond its environment.
-#[derive(Default)]
-pub struct Launch {
-    /// Run under `prlimit --nofile=N:N`.
-    pub open_file_limit: Option<u64>,
-    /// Where stderr (the log) goes; inherited when unset.
-    pub log_file: Option<std::path::PathBuf>,
-    /// Working directory (where the SQLite default lives).
-    pub current_dir: Option<std::path::PathBuf>,
-}
-
-impl Replica {
-    pub async fn start(database_url: &str, extra_env: &[(&str, &str)]) -> Self {
-        Self::start_with(database_url, extra_env, Launch::default()).await
-    }
-
-    pub async fn start_with(database_url: &str, extra_env: &[(&str, &str)], launch: Launch) -> Self {
-        let port = free_port();
-        let binary = env!("CARGO_BIN_EXE_endpoint-stats");
-        let mut command = match launch.open_file_limit {
-            Some(limit) => {
-                let mut command = tokio::process::Command::new("prlimit");
-                command.arg(format!("--nofile={limit}:{limit}")).arg("--").arg(binary);
-                command
-            }
-            None => tokio::process::Command::new(binary),
-        };
-        command
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("DATABASE_URL", database_url)
-            .env("PORT", port.to_string())
-            .env("BIND", "127.0.0.1")
-            .env("LOG_FORMAT", "text")
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .kill_on_drop(true);
-        match launch.log_file {
-            Some(path) => command.stderr(std::fs::File::create(path).expect("log file")),
-            None => command.stderr(Stdio::inherit()),
-        };
-        if let Some(dir) = launch.current_dir {
-            command.current_dir(dir);
-        }
-        for (key, value) in extra_env {
-            command.env(key, value);
-        }
-        let child = command.spawn().expect("spawn endpoint-stats");
-        let replica = Self { port, address: format!("http://127.0.0.1:{port}"), child: Some(child) };
-        replica.wait_ready(Duration::from_secs(20)).await;
-        replica
-    }
-
-    pub async fn wait_ready(&self, limit: Duration) {
-        let deadline = Instant::now() + limit;
-        let client = client();
-        while Instant::now() < deadline {
-            if let Ok(response) = client.get(format!("{}/ready", self.address)).send().await {
-                if response.status().is_success() {
-                    return;
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        panic!("replica on port {} not ready after {limit:?}", self.port);
-    }
-
-    pub fn pid(&self) -> i32 {
-        self.child.as_ref().and_then(|c| c.id()).and_then(|id| i32::try_from(id).ok()).expect("running child")
-    }
-
-    pub fn signal(&self, signal: &str) {
-        let status = std::process::Command::new("kill")
-            .args([&format!("-{signal}"), &self.pid().to_string()])
-            .status()
-            .expect("kill");
-        assert!(status.success(), "kill -{signal} failed");
-    }
-
-    /// Waits for the process to exit and returns its exit code.
-    pub async fn wait(&mut self) -> Option<i32> {
-        self.wait_at_most(Duration::from_secs(30)).await
-    }
-
-    /// The exit code, or `None` when the process is still running after `limit`.
-    pub async fn wait_at_most(&mut self, limit: Duration) -> Option<i32> {
-        let mut child = self.child.take()?;
-        let status = tokio::time::timeout(limit, child.wait()).await.ok()?.ok()?;
-        status.code()
-    }
 }
 
 /// Extracts `access_count` from a counted response, asserting a 200.

@@ -1,8 +1,6 @@
 //! The HTTP contract of SPEC §2, on both backends.
 
-mod common;
-
-use common::{settings, TestApp, TestDatabase};
+use crate::helpers::{heavy, settings, TestApp, TestDatabase};
 use endpoint_stats::config::{DatabaseSettings, DatabaseUrl};
 use futures_util::stream::{self, StreamExt};
 
@@ -139,6 +137,7 @@ async fn contract_on_sqlite() {
 /// not a single series.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn random_paths_add_no_metric_series() {
+    let _heavy = heavy().await;
     let database = TestDatabase::create().await;
     let app = TestApp::spawn(settings(database.settings(), None)).await;
     let purge = reqwest::Method::from_bytes(b"PURGE").expect("extension method");

@@ -1,13 +1,10 @@
 //! `backup`: files, consistency, retention and clean failures (real PostgreSQL, the real binary).
 
-mod common;
-mod ops_support;
-
 use std::time::Duration;
 
+use crate::helpers::ops::*;
+use crate::helpers::{self, free_port, heavy, run_bin, settings, Bin, TestApp, TestDatabase};
 use chrono::Utc;
-use common::{free_port, settings, TestApp, TestDatabase};
-use ops_support::*;
 
 #[tokio::test]
 async fn backup_writes_a_checksummed_dump_with_a_manifest_of_the_database() {
@@ -61,6 +58,7 @@ async fn backup_writes_a_checksummed_dump_with_a_manifest_of_the_database() {
 /// come from one exported snapshot. verify-backup would report a mismatch otherwise.
 #[tokio::test]
 async fn manifest_matches_the_dump_while_rows_are_inserted() {
+    let _heavy = heavy().await;
     let db = TestDatabase::create().await;
     TestApp::spawn(settings(db.settings(), None)).await.shutdown().await;
     insert_synthetic_rows(&db.url, 200_000).await;
@@ -191,7 +189,7 @@ async fn missing_pg_dump_is_named_and_leaves_no_file() {
 async fn unreachable_or_missing_database_fails_clearly_and_leaves_no_file() {
     let dir = tempfile::tempdir().expect("tempdir");
     let closed_port = format!("postgres://postgres@127.0.0.1:{}/endpoint_stats", free_port());
-    let missing_db = format!("postgres://postgres@127.0.0.1:5432/{}", common::unique_name("missing"));
+    let missing_db = format!("postgres://postgres@127.0.0.1:5432/{}", helpers::unique_name("missing"));
 
     for (url, expected) in [(&closed_port, "Connection refused"), (&missing_db, "does not exist")] {
         let output = backup(url, dir.path()).await;
@@ -294,19 +292,8 @@ async fn backups_are_private_whatever_the_umask() {
     let mode = |path: &std::path::Path| std::fs::metadata(path).expect("stat").permissions().mode() & 0o7777;
 
     for dir in [&created, &existing] {
-        let output = tokio::process::Command::new("sh")
-            .args(["-c", "umask 000 && exec \"$0\" \"$@\"", env!("CARGO_BIN_EXE_endpoint-stats"), "backup", "--dir"])
-            .arg(dir)
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("DATABASE_URL", &db.url)
-            .env("LOG_FORMAT", "text")
-            .env("RUST_LOG", "warn")
-            .kill_on_drop(true)
-            .output()
-            .await
-            .expect("run backup under umask 000");
-        assert!(output.status.success(), "backup failed: {}", String::from_utf8_lossy(&output.stderr));
+        let output = Bin::new(&["backup", "--dir"]).arg(dir).env("DATABASE_URL", &db.url).umask("000").output().await;
+        assert!(output.code == 0, "backup failed: {}", output.stderr);
         let dump = single_dump(dir);
         let name = dump.file_name().and_then(|n| n.to_str()).expect("name").to_owned();
         for file in [name.clone(), format!("{name}.sha256"), format!("{name}.manifest.json")] {

@@ -1,10 +1,7 @@
 //! `maintain`: VACUUM (ANALYZE) and index report on a seeded database, Redis housekeeping.
 
-mod common;
-mod ops_support;
-
-use common::{free_port, redis_url, unique_name, TestDatabase, TestRedisPrefix};
-use ops_support::*;
+use crate::helpers::ops::*;
+use crate::helpers::{free_port, redis_url, run_bin, unique_name, TestDatabase, TestRedisPrefix};
 use serde_json::Value;
 
 async fn seeded() -> TestDatabase {

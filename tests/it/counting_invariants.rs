@@ -1,12 +1,12 @@
 //! The counting invariants of SPEC §3 against real PostgreSQL and Redis, with real processes where
 //! a test kills one.
 
-mod common;
-
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use common::{access_count, client, settings, OwnRedis, Replica, TestApp, TestDatabase, TestRedisPrefix};
+use crate::helpers::{
+    self, access_count, client, heavy, settings, Bin, OwnRedis, Replica, TestApp, TestDatabase, TestRedisPrefix,
+};
 use futures_util::stream::{self, StreamExt};
 
 /// Sends `total` GETs of `path` spread over `addresses`, `concurrency` at a time; returns the
@@ -57,6 +57,7 @@ fn assert_exactly_one_to(answers: &[(u16, Option<i64>)], total: usize, path: &st
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exact_across_two_replicas_sharing_postgres() {
+    let _heavy = heavy().await;
     let database = TestDatabase::create().await;
     let replicas = [Replica::start(&database.url, &[]).await, Replica::start(&database.url, &[]).await];
     let addresses: Vec<String> = replicas.iter().map(|r| r.address.clone()).collect();
@@ -72,6 +73,7 @@ async fn exact_across_two_replicas_sharing_postgres() {
 /// access) beside single-endpoint batches (the plain UPDATE), on two replicas locking the same rows.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exact_per_endpoint_under_mixed_traffic_on_two_replicas() {
+    let _heavy = heavy().await;
     let database = TestDatabase::create().await;
     let replicas = [Replica::start(&database.url, &[]).await, Replica::start(&database.url, &[]).await];
     let addresses: Vec<String> = replicas.iter().map(|r| r.address.clone()).collect();
@@ -90,6 +92,7 @@ async fn exact_per_endpoint_under_mixed_traffic_on_two_replicas() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_stats_answers_are_unique_and_include_themselves() {
+    let _heavy = heavy().await;
     let database = TestDatabase::create().await;
     let app = TestApp::spawn(settings(database.settings(), None)).await;
     let client = client();
@@ -113,6 +116,7 @@ async fn concurrent_stats_answers_are_unique_and_include_themselves() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_loses_no_count_a_client_saw() {
+    let _heavy = heavy().await;
     let database = TestDatabase::create().await;
     let mut replica = Replica::start(&database.url, &[]).await;
     let address = replica.address.clone();
@@ -136,6 +140,7 @@ async fn sigkill_loses_no_count_a_client_saw() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_in_flight_requests_and_exits_zero() {
+    let _heavy = heavy().await;
     let database = TestDatabase::create().await;
     let mut replica = Replica::start(&database.url, &[]).await;
     let address = replica.address.clone();
@@ -162,6 +167,7 @@ async fn sigterm_drains_in_flight_requests_and_exits_zero() {
 /// row locked by another session) and the request timeout is longer than the grace period.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_exits_zero_within_the_grace_period_even_with_a_stuck_commit() {
+    let _heavy = heavy().await;
     let database = TestDatabase::create().await;
     let env = [("SHUTDOWN_GRACE_SECS", "2"), ("REQUEST_TIMEOUT_SECS", "30")];
     let mut replica = Replica::start(&database.url, &env).await;
@@ -190,6 +196,7 @@ async fn sigterm_exits_zero_within_the_grace_period_even_with_a_stuck_commit() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn database_outage_answers_503_quickly_and_recovers_by_itself() {
+    let _heavy = heavy().await;
     let database = TestDatabase::create().await;
     let app = TestApp::spawn(settings(database.settings(), None)).await;
     for expected in 1..=5 {
@@ -239,6 +246,7 @@ async fn database_outage_answers_503_quickly_and_recovers_by_itself() {
 /// queue behind a slow commit nor a commit the batcher gave up on may be stored afterwards.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_database_503s_are_never_counted() {
+    let _heavy = heavy().await;
     let database = TestDatabase::create().await;
     let app = TestApp::spawn(settings(database.settings(), None)).await; // request timeout 3 s
     assert_eq!(app.get_json("/").await.1["access_count"], 1);
@@ -294,6 +302,7 @@ async fn slow_database_503s_are_never_counted() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_outage_keeps_counting_exact_and_flags_the_windows() {
+    let _heavy = heavy().await;
     let database = TestDatabase::create().await;
     let mut redis = OwnRedis::start();
     let prefix = TestRedisPrefix::new(&redis.url());
@@ -335,6 +344,7 @@ async fn redis_outage_keeps_counting_exact_and_flags_the_windows() {
 /// connection, each still answers promptly, ready, with Redis reported degraded.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readiness_answers_promptly_while_redis_hangs() {
+    let _heavy = heavy().await;
     let mut redis = OwnRedis::start();
     let database = TestDatabase::create().await;
     let prefix = TestRedisPrefix::new(&redis.url());
@@ -380,7 +390,7 @@ async fn readiness_answers_promptly_while_redis_hangs() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn recent_windows_are_shared_through_redis() {
     let database = TestDatabase::create().await;
-    let prefix = TestRedisPrefix::new(&common::redis_url());
+    let prefix = TestRedisPrefix::new(&helpers::redis_url());
     let first = TestApp::spawn(settings(database.settings(), Some(prefix.settings()))).await;
     let second = TestApp::spawn(settings(database.settings(), Some(prefix.settings()))).await;
     for _ in 0..7 {
@@ -407,20 +417,11 @@ async fn recent_windows_are_shared_through_redis() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicas_starting_at_once_on_a_fresh_database_all_migrate() {
+    let _heavy = heavy().await;
     let database = TestDatabase::create().await;
-    let binary = env!("CARGO_BIN_EXE_endpoint-stats");
-    let runs: Vec<_> = (0..6)
-        .map(|_| {
-            tokio::process::Command::new(binary)
-                .arg("migrate")
-                .env("DATABASE_URL", &database.url)
-                .env("LOG_FORMAT", "text")
-                .output()
-        })
-        .collect();
+    let runs = (0..6).map(|_| Bin::new(&["migrate"]).env("DATABASE_URL", &database.url).output());
     for output in futures_util::future::join_all(runs).await {
-        let output = output.expect("run migrate");
-        assert!(output.status.success(), "migrate failed: {}", String::from_utf8_lossy(&output.stderr));
+        assert!(output.code == 0, "migrate failed: {}", output.stderr);
     }
     // And replicas starting together on the migrated database serve at once.
     let replicas = futures_util::future::join_all((0..3).map(|_| Replica::start(&database.url, &[]))).await;
@@ -432,28 +433,13 @@ async fn replicas_starting_at_once_on_a_fresh_database_all_migrate() {
 /// our own two of them both see an empty `_sqlx_migrations` and the second fails on its key.
 #[tokio::test]
 async fn concurrent_migrations_on_a_fresh_sqlite_file_all_succeed() {
+    let _heavy = heavy().await;
     let dir = tempfile::tempdir().expect("tempdir");
     let url = format!("sqlite://{}", dir.path().join("fresh.db").display());
-    let binary = env!("CARGO_BIN_EXE_endpoint-stats");
-    let runs: Vec<_> = (0..20)
-        .map(|_| {
-            tokio::process::Command::new(binary)
-                .arg("migrate")
-                .env_clear()
-                .env("DATABASE_URL", &url)
-                .env("LOG_FORMAT", "text")
-                .env("RUST_LOG", "warn")
-                .kill_on_drop(true)
-                .output()
-        })
-        .collect();
+    let runs = (0..20).map(|_| Bin::new(&["migrate"]).env("DATABASE_URL", &url).output());
     let outputs = futures_util::future::join_all(runs).await;
-    let failures: Vec<String> = outputs
-        .iter()
-        .map(|output| output.as_ref().expect("run migrate"))
-        .filter(|output| !output.status.success())
-        .map(|output| String::from_utf8_lossy(&output.stderr).trim().to_owned())
-        .collect();
+    let failures: Vec<String> =
+        outputs.iter().filter(|output| output.code != 0).map(|output| output.stderr.trim().to_owned()).collect();
     assert!(failures.is_empty(), "{} of 20 concurrent migrate runs failed: {failures:#?}", failures.len());
     // And the file serves: a replica on it is ready at once and counts.
     let replica = Replica::start(&url, &[]).await;

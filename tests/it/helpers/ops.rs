@@ -1,65 +1,12 @@
-//! Helpers of the operations tests (tests/ops_*.rs): run the real binary, inspect backup
-//! directories, fabricate dumps with given name-times, manage helper processes.
-//! Every test file declares `mod common; mod ops_support;`.
-#![allow(dead_code)]
+//! Helpers of the operations tests (the `ops_*` modules): inspect backup directories, fabricate
+//! dumps with given name-times, manage helper processes.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
-use crate::common::{admin_sql, settings, TestApp, TestDatabase};
-
-/// What a run of the binary produced.
-#[derive(Debug)]
-pub struct Output {
-    pub code: i32,
-    pub stdout: String,
-    pub stderr: String,
-}
-
-impl Output {
-    pub fn assert_success(&self, what: &str) {
-        assert_eq!(self.code, 0, "{what} failed:\nstdout: {}\nstderr: {}", self.stdout, self.stderr);
-    }
-
-    pub fn assert_failure(&self, what: &str) {
-        assert_ne!(self.code, 0, "{what} should have failed:\nstdout: {}\nstderr: {}", self.stdout, self.stderr);
-    }
-
-    /// The one-line error that main prints for an Err.
-    pub fn error_line(&self) -> String {
-        self.stderr.lines().find(|l| l.starts_with("endpoint-stats: error: ")).unwrap_or_default().to_owned()
-    }
-
-    pub fn json(&self) -> serde_json::Value {
-        serde_json::from_str(&self.stdout).unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {}", self.stdout))
-    }
-}
-
-/// Runs `endpoint-stats ARGS` with a clean environment: PATH (unless given in `env`), text logs
-/// at warn level, and `env`.
-pub async fn run_bin(args: &[&str], env: &[(&str, &str)]) -> Output {
-    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_endpoint-stats"));
-    command.env_clear().env("LOG_FORMAT", "text").env("RUST_LOG", "warn");
-    if !env.iter().any(|(k, _)| *k == "PATH") {
-        command.env("PATH", std::env::var("PATH").unwrap_or_default());
-    }
-    for (key, value) in env {
-        command.env(key, value);
-    }
-    command.args(args).stdin(Stdio::null()).kill_on_drop(true);
-    let output = tokio::time::timeout(Duration::from_secs(300), command.output())
-        .await
-        .unwrap_or_else(|_| panic!("endpoint-stats {args:?} did not finish within 300 s"))
-        .expect("run endpoint-stats");
-    Output {
-        code: output.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
-    }
-}
+use super::{run_bin, settings, Output, TestApp, TestDatabase};
 
 /// A fresh database with `root`, `stats`, `endpoints` accesses counted, backed up into a temp dir:
 /// the database, the dir (removed on drop) and the dump.
@@ -104,6 +51,8 @@ pub fn dumps_in(dir: &Path) -> Vec<String> {
     files_in(dir).into_iter().filter(|n| n.starts_with("endpoint-stats-") && n.ends_with(".dump")).collect()
 }
 
+/// The name `backup` gives a dump taken at `time`. A copy of `endpoint_stats::ops::dumps::dump_file_name`,
+/// which the tests cannot call: `ops::dumps` is a private module.
 pub fn dump_name(time: DateTime<Utc>) -> String {
     format!("endpoint-stats-{}.dump", time.format("%Y%m%dT%H%M%SZ"))
 }
@@ -152,7 +101,7 @@ pub async fn insert_synthetic_rows(url: &str, rows: u64) {
 }
 
 pub async fn database_exists(name: &str) -> bool {
-    let pool = sqlx::PgPool::connect(&crate::common::postgres_admin_url()).await.expect("connect admin");
+    let pool = sqlx::PgPool::connect(&super::postgres_admin_url()).await.expect("connect admin");
     let (exists,): (bool,) = sqlx::query_as("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
         .bind(name)
         .fetch_one(&pool)
@@ -168,11 +117,6 @@ pub fn scratch_name(output: &Output) -> Option<String> {
     let start = text.find("endpoint_stats_verify_")?;
     let name: String = text[start..].chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect();
     Some(name)
-}
-
-/// A fresh empty database on the test server (dropped on drop, like TestDatabase).
-pub async fn empty_database() -> crate::common::TestDatabase {
-    crate::common::TestDatabase::create().await
 }
 
 /// Rewrites a dump's checksum file and the manifest's sha256/bytes to match the dump as it now is
@@ -222,9 +166,4 @@ impl Drop for ChildProcess {
             let _ = child.wait();
         }
     }
-}
-
-/// Terminates backends of `database` and drops it (for a database a test made by hand).
-pub async fn drop_database(name: &str) {
-    admin_sql(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)")).await;
 }

@@ -2,13 +2,11 @@
 //! its probes, its scrape or a prompt shutdown, and answer every error in its JSON shape.
 //! Everything here is bounded in count and time, and talks only to 127.0.0.1.
 
-mod common;
-
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use common::{settings, Launch, Replica, TestApp, TestDatabase};
+use crate::helpers::{self, heavy, settings, Bin, Replica, TestApp, TestDatabase};
 use endpoint_stats::config::{ConnectionLimits, DatabaseSettings, DatabaseUrl, Settings};
 
 fn limits(header_read_timeout: u64, idle_timeout: u64, max_connections: usize) -> ConnectionLimits {
@@ -102,6 +100,7 @@ fn assert_json_error(answer: &str, status: u16, code: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_header_client_gets_408_and_is_closed() {
+    let _heavy = heavy().await;
     let (app, _dir) = app_with(limits(1, 60, 100)).await;
     let port = port_of(&app.address);
     let answer = tokio::task::spawn_blocking(move || {
@@ -136,6 +135,7 @@ async fn a_slow_header_client_gets_408_and_is_closed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_connections_are_closed_after_the_idle_timeout_and_busy_ones_are_not() {
+    let _heavy = heavy().await;
     let (app, _dir) = app_with(limits(30, 1, 100)).await;
     let port = port_of(&app.address);
     tokio::task::spawn_blocking(move || {
@@ -179,13 +179,14 @@ async fn idle_connections_are_closed_after_the_idle_timeout_and_busy_ones_are_no
 /// room. (Before the cap, `/health` timed out here and nothing was logged.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn probes_get_through_while_idle_and_slow_clients_exceed_the_cap() {
+    let _heavy = heavy().await;
     let dir = tempfile::tempdir().expect("tempdir");
     let log = dir.path().join("service.log");
     let database_url = format!("sqlite://{}", dir.path().join("stats.db").display());
-    let launch = Launch { open_file_limit: Some(160), log_file: Some(log.clone()), ..Launch::default() };
     // Timeouts far away: only the cap can save the probes here.
     let env = [("MAX_CONNECTIONS", "100"), ("HEADER_READ_TIMEOUT_SECS", "60"), ("IDLE_TIMEOUT_SECS", "600")];
-    let replica = Replica::start_with(&database_url, &env, launch).await;
+    let bin = Bin::new(&[]).env("DATABASE_URL", &database_url).envs(&env).open_file_limit(160).log_to(&log);
+    let replica = Replica::start_bin(bin).await;
     let port = replica.port;
     let mut hostile = Vec::new();
     for i in 0..180 {
@@ -234,14 +235,15 @@ async fn probes_get_through_while_idle_and_slow_clients_exceed_the_cap() {
 /// SQLite's WAL checkpointed away. (Before: 18.6 s, a false ERROR and the WAL left behind.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_with_half_open_connections_exits_at_once_and_cleanly() {
+    let _heavy = heavy().await;
     let dir = tempfile::tempdir().expect("tempdir");
     let log = dir.path().join("service.log");
     let database = dir.path().join("stats.db");
     let database_url = format!("sqlite://{}", database.display());
-    let launch = Launch { log_file: Some(log.clone()), ..Launch::default() };
-    let mut replica = Replica::start_with(&database_url, &[("RUST_LOG", "info")], launch).await;
-    let response = common::client().get(format!("{}/", replica.address)).send().await.expect("GET /");
-    assert_eq!(common::access_count(response).await, 1);
+    let bin = Bin::new(&[]).env("DATABASE_URL", &database_url).env("RUST_LOG", "info").log_to(&log);
+    let mut replica = Replica::start_bin(bin).await;
+    let response = helpers::client().get(format!("{}/", replica.address)).send().await.expect("GET /");
+    assert_eq!(helpers::access_count(response).await, 1);
     let mut half_open = Vec::new();
     for _ in 0..50 {
         let mut stream = TcpStream::connect(("127.0.0.1", replica.port)).expect("connect");
@@ -344,10 +346,9 @@ async fn a_503_names_no_internal_error_and_its_log_line_carries_the_request_id()
     let database = TestDatabase::create().await;
     let dir = tempfile::tempdir().expect("tempdir");
     let log = dir.path().join("service.log");
-    let launch = Launch { log_file: Some(log.clone()), ..Launch::default() };
-    let replica = Replica::start_with(&database.url, &[], launch).await;
+    let replica = Replica::start_bin(Bin::new(&[]).env("DATABASE_URL", &database.url).log_to(&log)).await;
     database.refuse_connections().await;
-    let response = common::client()
+    let response = helpers::client()
         .get(format!("{}/", replica.address))
         .header("x-request-id", "outage-probe-1")
         .send()
@@ -360,7 +361,7 @@ async fn a_503_names_no_internal_error_and_its_log_line_carries_the_request_id()
     assert_eq!(body["request_id"], "outage-probe-1", "{body}");
     let text = body.to_string();
     assert!(!text.contains("terminating") && !text.contains("database unavailable: database"), "{text}");
-    let ready = common::client().get(format!("{}/ready", replica.address)).send().await.expect("/ready");
+    let ready = helpers::client().get(format!("{}/ready", replica.address)).send().await.expect("/ready");
     assert_eq!(ready.status().as_u16(), 503);
     let ready: serde_json::Value = ready.json().await.expect("JSON");
     assert!(["unavailable", "timeout"].contains(&ready["checks"]["database"].as_str().unwrap_or("")), "{ready}");

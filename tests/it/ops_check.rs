@@ -1,12 +1,9 @@
 //! `check`: replicas, PostgreSQL, Redis, Prometheus, Alertmanager and backups, for real.
 
-mod common;
-mod ops_support;
-
 use std::time::{Duration, Instant};
 
-use common::{free_port, OwnRedis, Replica, TestDatabase};
-use ops_support::*;
+use crate::helpers::ops::*;
+use crate::helpers::{self, free_port, run_bin, OwnRedis, Replica, TestDatabase};
 use serde_json::Value;
 
 /// The component object named `name` in a `check --json` report.
@@ -196,7 +193,7 @@ fn prometheus(dir: &std::path::Path, targets: &[(&str, String)], firing_rule: bo
 
 /// Waits until every target has been scraped and Watchdog fires.
 async fn wait_settled(prometheus: &ChildProcess) {
-    let client = common::client();
+    let client = helpers::client();
     let deadline = Instant::now() + Duration::from_secs(60);
     while Instant::now() < deadline {
         let targets: Option<Value> = match client.get(format!("{}/api/v1/targets", prometheus.url())).send().await {
@@ -245,7 +242,7 @@ async fn prometheus_targets_and_alerts_and_alertmanager() {
         .arg(format!("--web.listen-address=127.0.0.1:{am_port}"))
         .arg("--cluster.listen-address=");
     let alertmanager = ChildProcess::spawn(command, am_port);
-    common::wait_for_port(am_port, Duration::from_secs(30));
+    helpers::wait_for_port(am_port, Duration::from_secs(30));
     wait_settled(&healthy).await;
     wait_settled(&failing).await;
 

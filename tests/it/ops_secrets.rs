@@ -5,15 +5,11 @@
 //! The client tools are observed through `--pg-bin-dir`: a folder of wrapper scripts that append
 //! their arguments to a file, then `exec` the real tool.
 
-mod common;
-mod ops_support;
-
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::Duration;
 
-use common::{free_port, unique_name, OwnRedis, TestDatabase};
-use ops_support::*;
+use crate::helpers::ops::*;
+use crate::helpers::{self, free_port, run_bin, unique_name, Bin, Output, OwnRedis, Replica, TestDatabase};
 
 /// Every secret value starts with this; the test fails if it appears anywhere it looks.
 const STEM: &str = "S3cr3tM4rk";
@@ -101,47 +97,27 @@ fn recording_pg_bin_dir(dir: &Path, log: &Path) {
 /// The service as a child process with its output in files, probed until SIGTERM; whether it
 /// became ready.
 async fn serve_and_probe(env: &[(&str, &str)], observed: &mut Observed, what: &str) -> bool {
-    let port = free_port();
     let logs = tempfile::tempdir().expect("tempdir");
     let (stdout_path, stderr_path) = (logs.path().join("stdout"), logs.path().join("stderr"));
-    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_endpoint-stats"));
-    command
-        .arg("serve")
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("PORT", port.to_string())
-        .env("BIND", "127.0.0.1")
-        .env("LOG_FORMAT", "text")
-        .envs(env.iter().copied())
-        .stdin(Stdio::null())
+    // No RUST_LOG but the one of `env`.
+    let bin = Bin::new(&["serve"])
+        .env_remove("RUST_LOG")
+        .envs(env)
         .stdout(std::fs::File::create(&stdout_path).expect("stdout file"))
-        .stderr(std::fs::File::create(&stderr_path).expect("stderr file"))
-        .kill_on_drop(true);
-    let mut child = command.spawn().expect("spawn endpoint-stats serve");
-    let client = common::client();
-    let base = format!("http://127.0.0.1:{port}");
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    let mut ready = false;
-    while std::time::Instant::now() < deadline && !ready {
-        if let Ok(Some(_)) = child.try_wait() {
-            break; // it failed to start: its output says why
-        }
-        ready = client.get(format!("{base}/ready")).send().await.is_ok_and(|r| r.status().is_success());
-        if !ready {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
+        .log_to(&stderr_path);
+    let mut replica = Replica::spawn(bin);
+    // False at once when it failed to start: its output says why.
+    let ready = replica.ready_within(Duration::from_secs(20)).await;
     if ready {
+        let client = helpers::client();
         for path in ["/", "/stats", "/api/v1/endpoints", "/ready", "/health", "/metrics", "/nope"] {
-            let response = client.get(format!("{base}{path}")).send().await.expect("request");
+            let response = client.get(format!("{}{path}", replica.address)).send().await.expect("request");
             observed.add(format!("{what}: GET {path}"), response.text().await.unwrap_or_default());
         }
-        if let Some(pid) = child.id() {
-            let _ = std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status();
-        }
+        replica.signal("TERM");
     }
-    let exited = tokio::time::timeout(Duration::from_secs(30), child.wait()).await;
-    assert!(exited.is_ok(), "{what}: serve did not exit");
+    let exited = replica.exit_within(Duration::from_secs(30)).await;
+    assert!(exited.is_some(), "{what}: serve did not exit");
     for path in [stdout_path, stderr_path] {
         observed.add(format!("{what}: {}", path.display()), std::fs::read_to_string(&path).unwrap_or_default());
     }

@@ -1,10 +1,7 @@
 //! `restore`: refused without --yes (nothing touched), checksum first, all or nothing, verified.
 
-mod common;
-mod ops_support;
-
-use common::{settings, TestApp, TestDatabase};
-use ops_support::*;
+use crate::helpers::ops::*;
+use crate::helpers::{run_bin, settings, TestApp, TestDatabase};
 
 #[tokio::test]
 async fn restore_without_yes_refuses_names_the_command_and_touches_nothing() {
