@@ -50,6 +50,8 @@ impl Drop for PendingFiles {
 }
 
 pub(crate) use crate::signals::stop_requested as interrupted;
+/// How dumps are named, for whoever makes or reads a backup folder (the tests do).
+pub use dumps::{dump_file_name, parse_dump_name};
 
 /// `map_err` for a failed SQL step: what was being done, and the database's words without secrets.
 pub(crate) fn sql_failed(what: impl std::fmt::Display) -> impl FnOnce(sqlx::Error) -> anyhow::Error {

@@ -112,9 +112,9 @@ async fn retention_prunes_dumps_older_than_the_retention_and_keeps_recent_ones()
     let recent = fake_dump(dir.path(), now - days(3), true);
     let recent_incomplete = fake_dump(dir.path(), now - days(2), false);
     // Leftovers: companions whose dump is gone, an unfinished file of a crashed run, a foreign file.
-    let orphan = format!("{}.sha256", dump_name(now - days(40)));
+    let orphan = format!("{}.sha256", endpoint_stats::ops::dump_file_name(now - days(40)));
     std::fs::write(dir.path().join(&orphan), b"x").expect("write");
-    let crashed = format!(".{}.partial", dump_name(now - days(2)));
+    let crashed = format!(".{}.partial", endpoint_stats::ops::dump_file_name(now - days(2)));
     std::fs::write(dir.path().join(&crashed), b"x").expect("write");
     std::fs::write(dir.path().join("README"), b"operator notes").expect("write");
 

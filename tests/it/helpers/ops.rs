@@ -51,15 +51,9 @@ pub fn dumps_in(dir: &Path) -> Vec<String> {
     files_in(dir).into_iter().filter(|n| n.starts_with("endpoint-stats-") && n.ends_with(".dump")).collect()
 }
 
-/// The name `backup` gives a dump taken at `time`. A copy of `endpoint_stats::ops::dumps::dump_file_name`,
-/// which the tests cannot call: `ops::dumps` is a private module.
-pub fn dump_name(time: DateTime<Utc>) -> String {
-    format!("endpoint-stats-{}.dump", time.format("%Y%m%dT%H%M%SZ"))
-}
-
 /// A fabricated dump named for `time`; `good` adds its checksum and manifest files.
 pub fn fake_dump(dir: &Path, time: DateTime<Utc>, good: bool) -> String {
-    let name = dump_name(time);
+    let name = endpoint_stats::ops::dump_file_name(time);
     std::fs::write(dir.join(&name), b"not a real dump").expect("write fake dump");
     if good {
         std::fs::write(dir.join(format!("{name}.sha256")), format!("{}  {name}\n", "0".repeat(64))).expect("write");
