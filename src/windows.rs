@@ -4,12 +4,18 @@
 //! to time-bucketed hashes (`{prefix}window:10s:{bucket}`, `{prefix}window:1m:{bucket}`) that
 //! expire on their own. The hot path never waits for Redis: the batcher adds to a local pending
 //! table and a background task flushes it once a second, so the shared figures trail by at most
-//! that. Without Redis, the same buckets are kept in-process (per replica).
+//! that. Reading them is shared too: one read of Redis serves every request of the replica for
+//! [`READ_MAX_AGE`] (and within one 10 s bucket), and concurrent requests that find no fresh read
+//! wait for the one read in flight instead of each sending their own ([`SharedRead`]). So an
+//! access shows in every replica's figures at most `FLUSH_INTERVAL` + `READ_MAX_AGE` (1.25 s) after
+//! its commit, plus the time of a Redis round trip. Without Redis, the same buckets are kept
+//! in-process (per replica) and read directly.
 //!
 //! Redis is never on the counting path: when it is down, counting goes on exactly and only these
 //! figures are reported missing.
 
 use std::collections::{BTreeMap, VecDeque};
+use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -38,6 +44,10 @@ const REDIS_TIMEOUT: Duration = Duration::from_millis(500);
 /// Bound on one Redis operation as a caller sees it: room for one connection attempt.
 const REDIS_OPERATION_LIMIT: Duration = Duration::from_millis(1000);
 const FLUSH_INTERVAL: Duration = Duration::from_secs(1);
+/// How long one read of the windows from Redis answers every request of this replica. Well under
+/// the figures' 10 s resolution, and a quarter of the flush interval, which already sets how far
+/// they trail: reads cost at most four Redis round trips a second, whatever the request rate.
+const READ_MAX_AGE: Duration = Duration::from_millis(250);
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct WindowCounts {
@@ -73,7 +83,7 @@ struct Inner {
 
 enum Backend {
     InProcess(Mutex<BucketRing>),
-    Redis(RedisWindows),
+    Redis(Box<RedisWindows>),
 }
 
 impl Windows {
@@ -85,12 +95,13 @@ impl Windows {
     /// only degrades the window figures.
     pub fn redis(settings: &RedisSettings, metrics: Metrics) -> Result<Self, redis::RedisError> {
         let client = redis::Client::open(settings.url.as_str())?;
-        let backend = Backend::Redis(RedisWindows {
+        let backend = Backend::Redis(Box::new(RedisWindows {
             client,
             prefix: settings.key_prefix.clone(),
             connection: tokio::sync::Mutex::new(None),
             pending: Mutex::new(BTreeMap::new()),
-        });
+            reads: SharedRead::new(READ_MAX_AGE),
+        }));
         Ok(Self { inner: Arc::new(Inner { metrics, backend }) })
     }
 
@@ -120,13 +131,17 @@ impl Windows {
         let now = unix_now();
         match &self.inner.backend {
             Backend::InProcess(ring) => WindowsReport::Available(lock(ring).counts(now / FINE_BUCKET_SECONDS)),
+            // One read serves every request for a while; only an actual read is an operation.
             Backend::Redis(redis) => {
-                let result = redis.read(now).await;
-                self.inner.metrics.redis_result("read_windows", &result);
-                match result {
-                    Ok(counts) => WindowsReport::Available(counts),
-                    Err(error) => WindowsReport::Unavailable(error),
-                }
+                let read = async {
+                    let result = redis.read(now).await;
+                    self.inner.metrics.redis_result("read_windows", &result);
+                    match result {
+                        Ok(counts) => WindowsReport::Available(counts),
+                        Err(error) => WindowsReport::Unavailable(error),
+                    }
+                };
+                redis.reads.get(now / FINE_BUCKET_SECONDS, read).await
             }
         }
     }
@@ -138,6 +153,10 @@ impl Windows {
             Backend::Redis(redis) => {
                 let result = redis.ping().await;
                 self.inner.metrics.redis_result("ping", &result);
+                if result.is_err() {
+                    // Figures read before the outage are not shown as available after it is seen.
+                    redis.reads.forget();
+                }
                 Some(result)
             }
         }
@@ -150,6 +169,7 @@ impl Windows {
             let result = redis.flush().await;
             self.inner.metrics.redis_result("flush_windows", &result);
             if let Err(error) = result {
+                redis.reads.forget();
                 tracing::debug!(%error, "window flush to Redis failed; will retry");
             }
         }
@@ -192,6 +212,78 @@ pub fn window_key_end(suffix: &str) -> Option<i64> {
     }
     let bucket: i64 = bucket.parse().ok()?;
     bucket.checked_add(1)?.checked_mul(width)
+}
+
+/// A value read once and shared (single flight): every caller within `max_age` of a read, asking
+/// for the same key, gets that read's value; a caller that finds none waits for the read in
+/// flight, if any, and takes its value however long it took, so that while Redis hangs, callers
+/// queue behind one read instead of one read each. The key is what the value was computed for
+/// (here the 10 s bucket), so a value never outlives its bucket.
+struct SharedRead<K, V> {
+    max_age: Duration,
+    latest: Mutex<Latest<K, V>>,
+    /// Held for the duration of a read: the single flight.
+    flight: tokio::sync::Mutex<()>,
+}
+
+struct Latest<K, V> {
+    /// Reads finished so far, so that a waiter knows whether one finished while it waited.
+    reads: u64,
+    last: Option<Read<K, V>>,
+}
+
+struct Read<K, V> {
+    key: K,
+    /// When the read started: its value is no older than that.
+    started: tokio::time::Instant,
+    value: V,
+}
+
+impl<K: PartialEq + Copy, V: Clone> SharedRead<K, V> {
+    fn new(max_age: Duration) -> Self {
+        Self { max_age, latest: Mutex::new(Latest { reads: 0, last: None }), flight: tokio::sync::Mutex::new(()) }
+    }
+
+    fn fresh(&self, key: K, latest: &Latest<K, V>) -> Option<V> {
+        latest
+            .last
+            .as_ref()
+            .filter(|last| last.key == key && last.started.elapsed() < self.max_age)
+            .map(|last| last.value.clone())
+    }
+
+    /// The shared value for `key`, read with `read` when there is no fresh one.
+    async fn get(&self, key: K, read: impl Future<Output = V>) -> V {
+        let seen = {
+            let latest = lock(&self.latest);
+            if let Some(value) = self.fresh(key, &latest) {
+                return value;
+            }
+            latest.reads
+        };
+        let _flight = self.flight.lock().await;
+        {
+            let latest = lock(&self.latest);
+            if let Some(last) = latest.last.as_ref().filter(|last| last.key == key && latest.reads != seen) {
+                // The read this caller waited for, however long it took.
+                return last.value.clone();
+            }
+            if let Some(value) = self.fresh(key, &latest) {
+                return value;
+            }
+        }
+        let started = tokio::time::Instant::now();
+        let value = read.await;
+        let mut latest = lock(&self.latest);
+        latest.reads += 1;
+        latest.last = Some(Read { key, started, value: value.clone() });
+        value
+    }
+
+    /// Makes the next caller read again (a Redis failure seen elsewhere).
+    fn forget(&self) {
+        lock(&self.latest).last = None;
+    }
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -251,6 +343,8 @@ struct RedisWindows {
     connection: tokio::sync::Mutex<Option<ConnectionManager>>,
     /// fine bucket -> accesses not yet in Redis
     pending: Mutex<BTreeMap<i64, PerEndpoint<u64>>>,
+    /// The last read of the windows, shared by every request, keyed by its fine bucket.
+    reads: SharedRead<i64, WindowsReport>,
 }
 
 impl RedisWindows {
@@ -345,26 +439,34 @@ impl RedisWindows {
             pipeline.hgetall(self.coarse_key(bucket));
         }
         let hashes: Vec<BTreeMap<String, u64>> = self.run(&pipeline).await?;
-        let fine_count = usize::try_from(FINE_BUCKETS_PER_MINUTE).unwrap_or(6);
-        let mut result = [WindowCounts::default(); COUNTED_ENDPOINTS];
-        for (position, hash) in hashes.iter().enumerate() {
-            for (path, n) in hash {
-                if let Some(endpoint) = CountedEndpoint::from_path(path) {
-                    let window = &mut result[endpoint.index()];
-                    if position < fine_count {
-                        window.last_minute += n;
-                    } else {
-                        window.last_hour += n;
-                    }
+        Ok(sum_window_hashes(&hashes))
+    }
+}
+
+/// The figures from the hashes [`RedisWindows::read`] asks for: the six fine buckets of the last
+/// minute, then the sixty coarse buckets of the last hour. Fields of other names are ignored.
+fn sum_window_hashes(hashes: &[BTreeMap<String, u64>]) -> PerEndpoint<WindowCounts> {
+    let fine_count = usize::try_from(FINE_BUCKETS_PER_MINUTE).unwrap_or(6);
+    let mut result = [WindowCounts::default(); COUNTED_ENDPOINTS];
+    for (position, hash) in hashes.iter().enumerate() {
+        for (path, n) in hash {
+            if let Some(endpoint) = CountedEndpoint::from_path(path) {
+                let window = &mut result[endpoint.index()];
+                if position < fine_count {
+                    window.last_minute += n;
+                } else {
+                    window.last_hour += n;
                 }
             }
         }
-        Ok(result)
     }
+    result
 }
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
     use super::*;
 
     #[test]
@@ -395,5 +497,67 @@ mod tests {
         assert_eq!(counts[0], WindowCounts { last_minute: 2, last_hour: 12 });
         assert_eq!(counts[1], WindowCounts { last_minute: 1, last_hour: 1 });
         assert_eq!(counts[2], WindowCounts { last_minute: 2, last_hour: 2 });
+    }
+
+    #[test]
+    fn hashes_sum_to_the_last_minute_and_hour() {
+        let hash = |pairs: &[(&str, u64)]| pairs.iter().map(|(k, v)| ((*k).to_owned(), *v)).collect();
+        let mut hashes: Vec<BTreeMap<String, u64>> = vec![BTreeMap::new(); 66];
+        hashes[0] = hash(&[("/", 1), ("/other", 50)]);
+        hashes[5] = hash(&[("/", 2), ("/stats", 3)]);
+        hashes[6] = hash(&[("/", 30)]);
+        hashes[65] = hash(&[("/", 4), ("/api/v1/endpoints", 5)]);
+        let counts = sum_window_hashes(&hashes);
+        assert_eq!(counts[CountedEndpoint::Root.index()], WindowCounts { last_minute: 3, last_hour: 34 });
+        assert_eq!(counts[CountedEndpoint::Stats.index()], WindowCounts { last_minute: 3, last_hour: 0 });
+        assert_eq!(counts[CountedEndpoint::Endpoints.index()], WindowCounts { last_minute: 0, last_hour: 5 });
+    }
+
+    /// A read that counts how often it ran and takes `took`.
+    async fn counted_read(reads: &AtomicUsize, took: Duration, value: u32) -> u32 {
+        reads.fetch_add(1, Ordering::SeqCst);
+        tokio::time::sleep(took).await;
+        value
+    }
+
+    const HOUR: Duration = Duration::from_secs(3600);
+
+    #[tokio::test]
+    async fn concurrent_callers_share_one_read() {
+        let shared = SharedRead::new(HOUR);
+        let reads = AtomicUsize::new(0);
+        let callers = (0..50).map(|i| shared.get(1, counted_read(&reads, Duration::from_millis(5), i)));
+        let values = futures_util::future::join_all(callers).await;
+        assert_eq!(reads.load(Ordering::SeqCst), 1);
+        assert!(values.iter().all(|v| *v == values[0]), "{values:?}");
+    }
+
+    #[tokio::test]
+    async fn a_read_serves_its_bucket_until_it_is_too_old_or_forgotten() {
+        let shared = SharedRead::new(HOUR);
+        let reads = AtomicUsize::new(0);
+        assert_eq!(shared.get(1, counted_read(&reads, Duration::ZERO, 10)).await, 10);
+        assert_eq!(shared.get(1, counted_read(&reads, Duration::ZERO, 11)).await, 10, "fresh: shared");
+        assert_eq!(shared.get(2, counted_read(&reads, Duration::ZERO, 20)).await, 20, "new bucket: read again");
+        assert_eq!(shared.get(2, counted_read(&reads, Duration::ZERO, 21)).await, 20, "fresh: shared");
+        shared.forget();
+        assert_eq!(shared.get(2, counted_read(&reads, Duration::ZERO, 22)).await, 22, "forgotten: read again");
+        assert_eq!(reads.load(Ordering::SeqCst), 3);
+
+        let never_fresh = SharedRead::new(Duration::ZERO);
+        assert_eq!(never_fresh.get(1, counted_read(&reads, Duration::ZERO, 30)).await, 30);
+        assert_eq!(never_fresh.get(1, counted_read(&reads, Duration::ZERO, 31)).await, 31, "too old: read again");
+    }
+
+    /// While Redis hangs, a read takes its whole time limit, longer than the figures stay fresh:
+    /// the callers that waited for it still take its value rather than reading again one by one.
+    #[tokio::test]
+    async fn callers_waiting_for_a_slow_read_take_its_value() {
+        let shared = SharedRead::new(Duration::from_millis(1));
+        let reads = AtomicUsize::new(0);
+        let callers = (0..6).map(|i| shared.get(1, counted_read(&reads, Duration::from_millis(50), i)));
+        let values = futures_util::future::join_all(callers).await;
+        assert_eq!(reads.load(Ordering::SeqCst), 1);
+        assert!(values.iter().all(|v| *v == values[0]), "{values:?}");
     }
 }
