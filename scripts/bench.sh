@@ -147,6 +147,7 @@ if ((soak_minutes > 0)); then
   run_wrk "http://127.0.0.1:$redis_port/mix" "$connections" "$threads" "$((soak_minutes * 60))" >"$workdir/soak.wrk" &
   load=$!
   : >"$workdir/samples"
+  sleep 2 # the first sample with wrk's connections open
   while kill -0 "$load" 2>/dev/null; do
     rss="$(awk '/VmRSS/{print $2}' "/proc/$redis_pid/status")"
     fds="$(find "/proc/$redis_pid/fd" -mindepth 1 -maxdepth 1 2>/dev/null | wc -l)"
