@@ -115,9 +115,11 @@ pub async fn endpoints(State(state): State<SharedState>) -> Result<Json<Endpoint
     let (counts, error) = match windows {
         WindowsReport::Available(counts) => (Some(counts), None),
         WindowsReport::Unavailable(detail) => {
+            // Debug only: during an outage every request would log it, and the outage itself is
+            // already in the readiness log line and endpoint_stats_redis_errors_total.
             let request_id = RequestId::current();
             let request_id = request_id.as_ref().map_or("", RequestId::as_str);
-            tracing::warn!(request_id, %detail, "recent-window figures unavailable");
+            tracing::debug!(request_id, %detail, "recent-window figures unavailable");
             (None, Some("redis_unavailable"))
         }
     };

@@ -228,7 +228,8 @@ fn answer_batch(
     for index in 0..COUNTED_ENDPOINTS {
         next_value[index] = committed.counts_after[index] - increments[index] + 1;
     }
-    // Recorded before any reply, so that a client's next request sees its access in the windows.
+    // Recorded before any reply: in-process windows show the access to the client's next request;
+    // Redis windows within the flush and read intervals (docs/CONTRACT.md).
     windows.record(increments);
     let snapshot = committed.snapshot.map(Arc::new);
     for pending in batch.drain(..) {
