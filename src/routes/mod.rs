@@ -6,7 +6,7 @@ mod errors;
 mod metrics;
 mod openapi;
 mod probes;
-mod request_checks;
+pub mod request_checks;
 
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -54,8 +54,8 @@ pub fn router(state: AppState) -> Router {
 /// Request metrics and panic handling around `routes`. On matched routes the metrics middleware
 /// sees the route template; the fallbacks carry the same middleware and record the constant
 /// `unmatched`, so no request path becomes a label. The panic handler sits inside the metrics, so
-/// that a handler's panic is counted as the 500 it is answered with. Outermost, every request gets
-/// its id and the checks that need no route (see `request_checks`).
+/// that a handler's panic is counted as the 500 it is answered with. Before routing, the server
+/// gives every request its id and the checks that need no route (`request_checks`).
 fn with_request_layers<S: Clone + Send + Sync + 'static>(routes: Router<S>, metrics: Metrics) -> Router<S> {
     let track = || axum::middleware::from_fn_with_state(metrics.clone(), track_http);
     routes
@@ -63,7 +63,6 @@ fn with_request_layers<S: Clone + Send + Sync + 'static>(routes: Router<S>, metr
         .route_layer(track())
         .method_not_allowed_fallback(errors::method_not_allowed.layer(track()))
         .fallback(errors::not_found.layer(track()))
-        .layer(axum::middleware::from_fn_with_state(metrics.clone(), request_checks::identify_and_check))
 }
 
 #[cfg(test)]

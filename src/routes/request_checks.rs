@@ -5,10 +5,10 @@
 
 use std::time::Instant;
 
-use axum::extract::{Request, State};
 use axum::http::{header, Version};
-use axum::middleware::Next;
 use axum::response::Response;
+use axum::Router;
+use tower::ServiceExt;
 
 use super::errors::ErrorKind;
 use crate::telemetry::request_id::{RequestId, REQUEST_ID_HEADER};
@@ -19,7 +19,15 @@ pub const MAX_REQUEST_BODY: u64 = 64 * 1024;
 /// No route has a URI anywhere near this long. (Above 64 KiB hyper answers 414 by itself.)
 pub const MAX_URI_LENGTH: usize = 8 * 1024;
 
-pub async fn identify_and_check(State(metrics): State<Metrics>, request: Request, next: Next) -> Response {
+/// Serves one request through `router`: its id is set for the whole request (task-local, for the
+/// error bodies and log lines) and returned in `x-request-id`, and a request no route could serve
+/// is refused before routing. Called by the server for every request, in place of a middleware
+/// layer: a layer costs a boxed future per request on the hot path.
+pub async fn identify_and_serve<B>(router: Router, metrics: &Metrics, request: hyper::Request<B>) -> Response
+where
+    B: axum::body::HttpBody<Data = axum::body::Bytes> + Send + 'static,
+    B::Error: Into<axum::BoxError>,
+{
     let id = RequestId::from_headers(request.headers());
     let header_value = id.header_value();
     let mut response = match refusal(&request) {
@@ -30,13 +38,16 @@ pub async fn identify_and_check(State(metrics): State<Metrics>, request: Request
             metrics.record_request(method, UNMATCHED_ROUTE, response.status(), started.elapsed());
             response
         }
-        None => id.scope(next.run(request)).await,
+        None => match id.scope(router.oneshot(request)).await {
+            Ok(response) => response,
+            Err(infallible) => match infallible {},
+        },
     };
     response.headers_mut().insert(&REQUEST_ID_HEADER, header_value);
     response
 }
 
-fn refusal(request: &Request) -> Option<ErrorKind> {
+fn refusal<B>(request: &hyper::Request<B>) -> Option<ErrorKind> {
     if request.version() == Version::HTTP_11 && !request.headers().contains_key(header::HOST) {
         return Some(ErrorKind::BadRequest);
     }

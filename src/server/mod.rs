@@ -30,10 +30,9 @@ use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
 use tokio::task::JoinSet;
-use tower::ServiceExt;
 
 use crate::config::ConnectionLimits;
-use crate::routes::ErrorKind;
+use crate::routes::{request_checks, ErrorKind};
 use crate::telemetry::request_id::RequestId;
 use crate::telemetry::{millis, Metrics};
 use stream::TrackedStream;
@@ -352,11 +351,11 @@ impl Server {
         let (router, shared, state) = (self.router.clone(), self.shared.clone(), connection.clone());
         let service = hyper::service::service_fn(move |request: Request<Incoming>| {
             let in_flight = RequestInFlight::enter(state.clone(), shared.clone());
-            let response = router.clone().oneshot(request);
+            let (router, shared) = (router.clone(), shared.clone());
             async move {
-                let response = response.await;
+                let response = request_checks::identify_and_serve(router, &shared.metrics, request).await;
                 drop(in_flight);
-                response
+                Ok::<_, std::convert::Infallible>(response)
             }
         });
         let serving = self.http.serve_connection(io, service);

@@ -73,21 +73,34 @@ impl AsyncRead for TrackedStream {
 }
 
 impl AsyncWrite for TrackedStream {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        self.poll_write_vectored(cx, &[io::IoSlice::new(buf)])
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
         if self.write_refused() {
             return Poll::Ready(Err(io::ErrorKind::ConnectionAborted.into()));
         }
         ready!(self.poll_replacement(cx))?;
-        if let Some(kind) = hyper_error_answer(buf) {
-            let id = parser_rejection(kind);
-            record_rejection(&self.shared, kind);
-            self.replacement = Some((error_answer(kind, &id), 0));
-            // The replacement stands for all of hyper's bytes; what is left of it goes out on the
-            // flush that follows.
-            let _ = self.poll_replacement(cx)?;
-            return Poll::Ready(Ok(buf.len()));
+        // hyper writes the head of an answer as the first buffer; its own error answers have no
+        // other.
+        let mut filled = bufs.iter().filter(|b| !b.is_empty());
+        if let (Some(head), None) = (filled.next(), filled.next()) {
+            if let Some(kind) = hyper_error_answer(head) {
+                let id = parser_rejection(kind);
+                record_rejection(&self.shared, kind);
+                self.replacement = Some((error_answer(kind, &id), 0));
+                // The replacement stands for all of hyper's bytes; what is left of it goes out on
+                // the flush that follows.
+                let _ = self.poll_replacement(cx)?;
+                return Poll::Ready(Ok(head.len()));
+            }
         }
-        let n = ready!(Pin::new(&mut self.stream).poll_write(cx, buf))?;
+        let n = ready!(Pin::new(&mut self.stream).poll_write_vectored(cx, bufs))?;
         self.connection.bytes_written(self.shared.now_ms());
         Poll::Ready(Ok(n))
     }
@@ -107,10 +120,8 @@ impl AsyncWrite for TrackedStream {
         Pin::new(&mut self.stream).poll_shutdown(cx)
     }
 
-    // Not vectored, so that hyper writes each answer head as one buffer: hyper_error_answer looks
-    // at a whole head.
     fn is_write_vectored(&self) -> bool {
-        false
+        self.stream.is_write_vectored()
     }
 }
 
