@@ -62,6 +62,7 @@ pub struct MetricsInner {
     pub db_commit_duration: Histogram,
     pub db_batch_size: Histogram,
     pub db_errors: IntCounterVec,
+    pub db_commits_in_flight_limit: IntGauge,
     pub redis_operations: IntCounterVec,
     pub redis_errors: IntCounterVec,
     pub redis_available: IntGauge,
@@ -105,6 +106,11 @@ impl Metrics {
             Opts::new("endpoint_stats_db_errors_total", "Database operations that failed"),
             &["operation"],
         )?;
+        let db_commits_in_flight_limit = IntGauge::new(
+            "endpoint_stats_db_commits_in_flight_limit",
+            "Group commits the batcher lets overlap, chosen from the commit times it measures",
+        )?;
+        db_commits_in_flight_limit.set(1);
         let redis_operations = IntCounterVec::new(
             Opts::new("endpoint_stats_redis_operations_total", "Redis operations attempted"),
             &["operation"],
@@ -147,6 +153,7 @@ impl Metrics {
         registry.register(Box::new(db_commit_duration.clone()))?;
         registry.register(Box::new(db_batch_size.clone()))?;
         registry.register(Box::new(db_errors.clone()))?;
+        registry.register(Box::new(db_commits_in_flight_limit.clone()))?;
         registry.register(Box::new(redis_operations.clone()))?;
         registry.register(Box::new(redis_errors.clone()))?;
         registry.register(Box::new(redis_available.clone()))?;
@@ -165,6 +172,7 @@ impl Metrics {
             db_commit_duration,
             db_batch_size,
             db_errors,
+            db_commits_in_flight_limit,
             redis_operations,
             redis_errors,
             redis_available,
