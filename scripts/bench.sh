@@ -146,10 +146,10 @@ psql "$admin_url" -qc "CREATE DATABASE $database" >/dev/null
 
 if ((round_trips)); then
   one_way_us=(0 250 500 1000)
-  declare -A rt_port rt_pid
+  declare -A rt_port rt_pid proxy_pid
   for us in "${one_way_us[@]}"; do
     "$bin_dir/delay-proxy" --listen 127.0.0.1:0 --upstream 127.0.0.1:5432 --delay-us "$us" \
-      </dev/null >"$workdir/proxy.$us" & pids+=($!)
+      </dev/null >"$workdir/proxy.$us" 2>"$workdir/proxy.$us.err" & proxy_pid[$us]=$!; pids+=("${proxy_pid[$us]}")
     for _ in $(seq 1 50); do grep -qs '^listening ' "$workdir/proxy.$us" && break; sleep 0.1; done
     proxy_port="$(awk '/^listening /{n = split($2, a, ":"); print a[n]; exit}' "$workdir/proxy.$us")"
     [[ -n "$proxy_port" ]] || { echo "delay-proxy at $us us did not start" >&2; exit 1; }
@@ -226,6 +226,15 @@ for us in delays:
               + (f", p99 < {p99_max:g} ms (worst round)" if p99_max else "")
               + f", zero lost: {'met' if met else 'NOT met'}")
 PY
+  # What each proxy really added beyond its delay: it prints how late it wrote its chunks when it ends.
+  for us in "${one_way_us[@]}"; do kill "${rt_pid[$us]}" 2>/dev/null || true; wait "${rt_pid[$us]}" 2>/dev/null || true; done
+  echo "  the proxies' own error (how late each chunk was written after its deadline, per direction):"
+  for us in "${one_way_us[@]}"; do
+    kill "${proxy_pid[$us]}" 2>/dev/null || true
+    wait "${proxy_pid[$us]}" 2>/dev/null || true
+    printf '  %-11s %s\n' "$(awk -v us="$us" 'BEGIN {print 2 * us / 1000 " ms"}')" \
+      "$(sed -n 's/^delay-proxy: since the start, //p' "$workdir/proxy.$us.err")"
+  done
   exit 0
 fi
 
