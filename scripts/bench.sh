@@ -200,6 +200,10 @@ print(f"  {'round':<6}" + "".join(f" {f'{2 * us / 1000:g} ms req/s':>14} {'ratio
 for n in rounds:
     print(f"  {n:<6}" + "".join(f" {g(n, us, 2):>14,.0f} {ratio[us][n - 1]:>6.2f} {g(n, us, 3):>7.2f}" for us in delays))
 targets = {500: (0.8, 10.0), 1000: (0.6, None)}
+base = [g(n, 0, 2) for n in rounds]
+if max(base) > 1.3 * min(base):
+    print(f"\n  NOTE: the 0 ms load moved between {min(base):,.0f} and {max(base):,.0f} req/s from round to round: "
+          "the machine was not quiet, and the ratios below say little")
 print()
 print(f"  {'round trip':<11} {'req/s (median, rounds)':>30} {'ratio to 0 ms (median, rounds)':>32} {'p99 ms (median, worst)':>24} "
       f"{'commits/s':>10} {'acc/commit':>10}  counts")
