@@ -45,7 +45,7 @@ while (($#)); do
     --connections) connections="$2"; shift 2 ;;
     --soak) soak_minutes="$2"; shift 2 ;;
     --round-trips) round_trips=1; shift ;;
-    -h | --help) sed -n '2,28p' "$0"; exit 0 ;;
+    -h | --help) sed -n '2,27p' "$0"; exit 0 ;;
     *) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
   esac
 done
