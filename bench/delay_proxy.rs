@@ -10,7 +10,11 @@
 //!   starts with `ok` or `error`:
 //!   - `upstream HOST:PORT`: new connections go there from now on; open ones keep theirs;
 //!   - `cut`: closes every open connection, both sides, at once (`ok cut N`);
-//!   - `delay US`: the one-way delay for every chunk read from now on.
+//!   - `delay US`: the one-way delay for every chunk read from now on;
+//!   - `stats`: `ok stats chunks N late_us_mean M late_us_max X`, how late after its deadline each
+//!     chunk was written since the last `stats` (the proxy's own error), and resets them.
+//!
+//!   The same figures since the start go to stderr when the proxy ends on SIGTERM or SIGINT.
 //!
 //!   EOF on stdin ends the control, not the proxy: it runs until SIGTERM or SIGINT.
 //!
@@ -104,6 +108,36 @@ pub struct Proxy {
     delay_ns: AtomicU64,
     next_id: AtomicU64,
     open: Mutex<HashMap<u64, Sockets>>,
+    lateness: Lateness,
+    lateness_total: Lateness,
+}
+
+/// How late after their deadlines chunks were written.
+#[derive(Default)]
+struct Lateness {
+    chunks: AtomicU64,
+    sum_ns: AtomicU64,
+    max_ns: AtomicU64,
+}
+
+impl Lateness {
+    fn record(&self, late_ns: u64) {
+        self.chunks.fetch_add(1, Ordering::Relaxed);
+        self.sum_ns.fetch_add(late_ns, Ordering::Relaxed);
+        self.max_ns.fetch_max(late_ns, Ordering::Relaxed);
+    }
+
+    /// "chunks N late_us_mean M late_us_max X", and resets the figures.
+    fn take(&self) -> String {
+        let chunks = self.chunks.swap(0, Ordering::Relaxed);
+        let sum = self.sum_ns.swap(0, Ordering::Relaxed);
+        let max = self.max_ns.swap(0, Ordering::Relaxed);
+        format!(
+            "chunks {chunks} late_us_mean {:.1} late_us_max {:.1}",
+            sum as f64 / chunks.max(1) as f64 / 1e3,
+            max as f64 / 1e3
+        )
+    }
 }
 
 /// Deregisters a connection once all of its threads are done.
@@ -134,6 +168,8 @@ impl Proxy {
             delay_ns: AtomicU64::new(delay_us.saturating_mul(1000)),
             next_id: AtomicU64::new(0),
             open: Mutex::new(HashMap::new()),
+            lateness: Lateness::default(),
+            lateness_total: Lateness::default(),
         });
         let p = proxy.clone();
         thread::Builder::new().name("accept".into()).spawn(move || {
@@ -180,8 +216,9 @@ impl Proxy {
                 }
                 Err(e) => format!("error delay {us}: {e}"),
             },
+            (Some("stats"), None, None) => format!("ok stats {}", self.lateness.take()),
             (None, _, _) => "error empty command".to_string(),
-            _ => format!("error unknown command: {} (upstream HOST:PORT | cut | delay US)", line.trim()),
+            _ => format!("error unknown command: {} (upstream HOST:PORT | cut | delay US | stats)", line.trim()),
         }
     }
 
@@ -229,10 +266,10 @@ impl Proxy {
     fn direction(self: Arc<Self>, from: TcpStream, to: TcpStream, guard: Arc<ConnGuard>) -> std::io::Result<()> {
         let (tx, rx) = sync_channel::<Chunk>(QUEUE_CHUNKS);
         let (from_w, to_r) = (from.try_clone()?, to.try_clone()?);
-        let g = guard.clone();
+        let (g, p) = (guard.clone(), self.clone());
         thread::Builder::new().name("write".into()).spawn(move || {
             low_timer_slack();
-            write_loop(rx, to, from_w);
+            p.write_loop(rx, to, from_w);
             drop(g);
         })?;
         thread::Builder::new().name("read".into()).spawn(move || {
@@ -266,25 +303,28 @@ impl Proxy {
             }
         }
     }
-}
 
-/// Writes each chunk at its deadline, in order. A later chunk never goes before an earlier one,
-/// even if the delay was lowered in between (byte order first).
-fn write_loop(rx: Receiver<Chunk>, mut to: TcpStream, from: TcpStream) {
-    while let Ok(chunk) = rx.recv() {
-        match chunk {
-            Chunk::Data(deadline, bytes) => {
-                sleep_until(deadline);
-                if to.write_all(&bytes).is_err() {
-                    let _ = to.shutdown(Shutdown::Both);
-                    let _ = from.shutdown(Shutdown::Both);
+    /// Writes each chunk at its deadline, in order. A later chunk never goes before an earlier
+    /// one, even if the delay was lowered in between (byte order first).
+    fn write_loop(&self, rx: Receiver<Chunk>, mut to: TcpStream, from: TcpStream) {
+        while let Ok(chunk) = rx.recv() {
+            match chunk {
+                Chunk::Data(deadline, bytes) => {
+                    sleep_until(deadline);
+                    let late = now_ns().saturating_sub(deadline);
+                    self.lateness.record(late);
+                    self.lateness_total.record(late);
+                    if to.write_all(&bytes).is_err() {
+                        let _ = to.shutdown(Shutdown::Both);
+                        let _ = from.shutdown(Shutdown::Both);
+                        return;
+                    }
+                }
+                Chunk::Eof(deadline) => {
+                    sleep_until(deadline);
+                    let _ = to.shutdown(Shutdown::Write);
                     return;
                 }
-            }
-            Chunk::Eof(deadline) => {
-                sleep_until(deadline);
-                let _ = to.shutdown(Shutdown::Write);
-                return;
             }
         }
     }
@@ -327,7 +367,9 @@ fn main() -> anyhow::Result<()> {
             _ = term.recv() => {}
         }
         anyhow::Ok(())
-    })
+    })?;
+    eprintln!("delay-proxy: since the start, {}", proxy.lateness_total.take());
+    Ok(())
 }
 
 #[cfg(test)]
@@ -433,5 +475,6 @@ mod tests {
         assert!(proxy.command("upstream nowhere").starts_with("error"));
         assert!(proxy.command("delay soon").starts_with("error"));
         assert!(proxy.command("jump").starts_with("error"));
+        assert!(proxy.command("stats").starts_with("ok stats chunks "));
     }
 }
