@@ -17,16 +17,56 @@ pub enum LogFormat {
     Text,
 }
 
+/// "Empty means unset", for every optional value: `VAR=` in an env file or a manifest says "not
+/// configured", not "configured as nothing".
+pub fn non_empty(value: &str) -> Option<&str> {
+    Some(value.trim()).filter(|value| !value.is_empty())
+}
+
+/// `DATABASE_URL`, declared once for every command that reads it.
+#[derive(Debug, Clone, Args)]
+pub struct DatabaseUrlArg {
+    /// Database URL: postgres://… in production; the SQLite file sqlite://endpoint-stats.db when
+    /// unset or empty.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+}
+
+impl DatabaseUrlArg {
+    /// `None` when unset (an empty value counts as unset).
+    pub fn configured(&self) -> Result<Option<DatabaseUrl>, ConfigError> {
+        self.database_url.as_deref().and_then(non_empty).map(DatabaseUrl::parse).transpose()
+    }
+
+    /// The configured database, or the SQLite default.
+    pub fn or_default(&self) -> Result<DatabaseUrl, ConfigError> {
+        self.configured()?.map_or_else(|| DatabaseUrl::parse(DEFAULT_DATABASE_URL), Ok)
+    }
+
+    /// For the commands that work on PostgreSQL only: the SQLite default is refused in one line
+    /// saying so, as an explicit SQLite URL is.
+    pub fn postgres(&self) -> Result<Url, ConfigError> {
+        match self.configured()? {
+            Some(url) => url.into_postgres("DATABASE_URL"),
+            None => Err(postgres_only(
+                "DATABASE_URL",
+                format_args!("DATABASE_URL is unset or empty, which means the SQLite file {DEFAULT_DATABASE_URL}"),
+            )),
+        }
+    }
+}
+
+fn postgres_only(variable: &'static str, found: impl std::fmt::Display) -> ConfigError {
+    ConfigError::invalid(
+        variable,
+        format!("this command works on PostgreSQL only, and {found} (set a postgres:// URL)"),
+    )
+}
+
 #[derive(Debug, Clone, Args)]
 pub struct DatabaseArgs {
-    /// Database URL: postgres://… in production; SQLite file when unset.
-    #[arg(
-        long,
-        env = "DATABASE_URL",
-        default_value = DEFAULT_DATABASE_URL,
-        hide_env_values = true
-    )]
-    pub database_url: String,
+    #[command(flatten)]
+    pub url: DatabaseUrlArg,
 
     /// Connections in the database pool.
     #[arg(long, env = "DB_POOL_SIZE", default_value_t = 10, value_parser = clap::value_parser!(u32).range(2..=1000))]
@@ -47,11 +87,36 @@ pub struct DatabaseArgs {
     pub log_level: String,
 }
 
+/// `REDIS_URL`, declared once for every command that reads it.
 #[derive(Debug, Clone, Args)]
-pub struct RedisArgs {
-    /// Redis URL for the recent-window counters shared by all replicas; in-process when unset.
+pub struct RedisUrlArg {
+    /// Redis URL for the recent-window counters shared by all replicas; in-process when unset or
+    /// empty.
     #[arg(long, env = "REDIS_URL", hide_env_values = true)]
     pub redis_url: Option<String>,
+}
+
+impl RedisUrlArg {
+    /// The checked URL; `None` when no Redis is configured (an empty value counts as unset).
+    pub fn configured(&self) -> Result<Option<String>, ConfigError> {
+        let Some(raw) = self.redis_url.as_deref().and_then(non_empty) else {
+            return Ok(None);
+        };
+        let url = Url::parse(raw).map_err(|e| ConfigError::invalid("REDIS_URL", e))?;
+        if !matches!(url.scheme(), "redis" | "rediss" | "unix" | "redis+unix") {
+            return Err(ConfigError::invalid(
+                "REDIS_URL",
+                format!("unsupported scheme `{}` (expected redis://)", url.scheme()),
+            ));
+        }
+        Ok(Some(raw.to_owned()))
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct RedisArgs {
+    #[command(flatten)]
+    pub url: RedisUrlArg,
 
     /// Prefix of every Redis key this service writes (not empty).
     #[arg(long, env = "REDIS_KEY_PREFIX", default_value = "endpoint-stats:", value_parser = non_empty_key_prefix)]
@@ -70,19 +135,9 @@ fn non_empty_key_prefix(raw: &str) -> Result<String, String> {
 }
 
 impl RedisArgs {
-    /// `None` when no Redis is configured (an empty value counts as unset).
+    /// `None` when no Redis is configured.
     pub fn settings(&self) -> Result<Option<RedisSettings>, ConfigError> {
-        let Some(raw) = self.redis_url.as_deref().map(str::trim).filter(|raw| !raw.is_empty()) else {
-            return Ok(None);
-        };
-        let url = Url::parse(raw).map_err(|e| ConfigError::invalid("REDIS_URL", e))?;
-        if !matches!(url.scheme(), "redis" | "rediss" | "unix" | "redis+unix") {
-            return Err(ConfigError::invalid(
-                "REDIS_URL",
-                format!("unsupported scheme `{}` (expected redis://)", url.scheme()),
-            ));
-        }
-        Ok(Some(RedisSettings { url: raw.to_owned(), key_prefix: self.redis_key_prefix.clone() }))
+        Ok(self.url.configured()?.map(|url| RedisSettings { url, key_prefix: self.redis_key_prefix.clone() }))
     }
 }
 
@@ -199,6 +254,15 @@ impl DatabaseUrl {
     pub fn is_postgres(&self) -> bool {
         matches!(self, Self::Postgres(_))
     }
+
+    /// The PostgreSQL URL, for the commands that work on PostgreSQL only; `variable` names where
+    /// the URL came from.
+    pub fn into_postgres(self, variable: &'static str) -> Result<Url, ConfigError> {
+        match self {
+            Self::Postgres(url) => Ok(url),
+            Self::Sqlite(_) => Err(postgres_only(variable, format_args!("{variable} is a SQLite URL"))),
+        }
+    }
 }
 
 impl std::fmt::Display for DatabaseUrl {
@@ -264,10 +328,7 @@ impl ConfigError {
 
 impl DatabaseArgs {
     pub fn settings(&self) -> Result<DatabaseSettings, ConfigError> {
-        // An empty value counts as unset, as for REDIS_URL: `DATABASE_URL=` in an env file or a
-        // manifest means "no database configured", not a broken URL.
-        let raw = Some(self.database_url.trim()).filter(|raw| !raw.is_empty()).unwrap_or(DEFAULT_DATABASE_URL);
-        Ok(DatabaseSettings { url: DatabaseUrl::parse(raw)?, pool_size: self.db_pool_size })
+        Ok(DatabaseSettings { url: self.url.or_default()?, pool_size: self.db_pool_size })
     }
 }
 

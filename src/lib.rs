@@ -9,6 +9,7 @@
 //! - [`endpoints`]: which endpoints are counted
 //! - [`store`]: the counting store (group commit over PostgreSQL or SQLite)
 //! - [`windows`]: recent-window counters (Redis or in-process)
+//! - [`redis_conn`]: connecting to Redis, bounded, and reading its memory figures
 //! - [`telemetry`]: logs and metrics
 //! - [`ops`]: backup, verify-backup, restore, maintain, check
 
@@ -16,6 +17,7 @@ pub mod cli;
 pub mod config;
 pub mod endpoints;
 pub mod ops;
+pub mod redis_conn;
 pub mod routes;
 pub mod server;
 pub mod signals;

@@ -46,7 +46,7 @@ impl Application {
         database.migrate_if_pending().await.context("DATABASE_URL: migrations")?;
 
         let windows = match &settings.redis {
-            Some(redis) => Windows::redis(redis, metrics.clone()).context("REDIS_URL")?,
+            Some(redis) => Windows::redis(redis, metrics.clone()).map_err(anyhow::Error::msg)?,
             None => Windows::in_process(metrics.clone()),
         };
         if let (Some(redis), Some(Err(error))) = (&settings.redis, windows.redis_health().await) {

@@ -19,11 +19,12 @@ use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::aio::ConnectionManager;
 use serde::Serialize;
 
 use crate::config::RedisSettings;
 use crate::endpoints::{CountedEndpoint, PerEndpoint, COUNTED_ENDPOINTS};
+use crate::redis_conn;
 use crate::telemetry::Metrics;
 
 /// Width of the fine buckets; "last minute" is the sum of the newest six.
@@ -93,8 +94,8 @@ impl Windows {
 
     /// Redis-backed windows. Connecting is lazy and retried, so a Redis that is down at start
     /// only degrades the window figures.
-    pub fn redis(settings: &RedisSettings, metrics: Metrics) -> Result<Self, redis::RedisError> {
-        let client = redis::Client::open(settings.url.as_str())?;
+    pub fn redis(settings: &RedisSettings, metrics: Metrics) -> Result<Self, String> {
+        let client = redis_conn::open(&settings.url)?;
         let backend = Backend::Redis(Box::new(RedisWindows {
             client,
             prefix: settings.key_prefix.clone(),
@@ -361,15 +362,7 @@ impl RedisWindows {
         if let Some(connection) = slot.as_ref() {
             return Ok(connection.clone());
         }
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(REDIS_TIMEOUT)
-            .set_response_timeout(REDIS_TIMEOUT)
-            .set_number_of_retries(1);
-        let connection =
-            tokio::time::timeout(REDIS_TIMEOUT * 2, ConnectionManager::new_with_config(self.client.clone(), config))
-                .await
-                .map_err(|_| "Redis connection timed out".to_owned())?
-                .map_err(|e| format!("Redis unreachable: {e}"))?;
+        let connection = redis_conn::connect(self.client.clone(), REDIS_TIMEOUT).await?;
         *slot = Some(connection.clone());
         Ok(connection)
     }

@@ -22,8 +22,9 @@ use super::dumps::{
     ToolInfo, MANIFEST_FORMAT,
 };
 use super::pg::{find_tool, inventory, run_tool, tool_version, PgTarget};
-use super::{interrupted, seconds, sql_failed, PendingFiles};
+use super::{seconds, sql_failed, PendingFiles};
 use crate::config::DatabaseArgs;
+use crate::signals::stop_requested;
 use crate::telemetry;
 
 /// Unfinished files of a crashed run are removed by the next run once they are this old.
@@ -80,7 +81,7 @@ pub async fn run(args: BackupArgs) -> anyhow::Result<ExitCode> {
     let mut pending = PendingFiles::new();
     let outcome = tokio::select! {
         result = write_backup(&target, &pg_dump, &args.dir, &name, now, started, &mut pending) => result,
-        signal = interrupted() => Err(anyhow::anyhow!("interrupted by {signal}; unfinished files removed")),
+        signal = stop_requested() => Err(anyhow::anyhow!("interrupted by {signal}; unfinished files removed")),
     };
     let manifest = match outcome {
         Ok(manifest) => {

@@ -16,10 +16,16 @@ use serde::Serialize;
 use serde_json::Value;
 
 use super::dumps::{list_dumps, newest_good};
-use crate::config::{DatabaseSettings, DatabaseUrl};
+use super::{sql_failed, Status};
+use crate::config::{non_empty, DatabaseSettings, DatabaseUrl, DatabaseUrlArg, RedisUrlArg};
+use crate::redis_conn::{self, MemoryInfo};
 use crate::store::Database;
 
 #[derive(Debug, clap::Args)]
+#[command(
+    mut_arg("database_url", |arg| arg.help("Database of the service; PostgreSQL or SQLite. Skipped when unset or empty.")),
+    mut_arg("redis_url", |arg| arg.help("Redis of the service. Skipped when unset or empty."))
+)]
 pub struct CheckArgs {
     /// Base URL of a replica (repeat once per replica), e.g. http://10.0.0.7:9999.
     #[arg(long = "url", value_name = "URL", env = "CHECK_URLS", value_delimiter = ',')]
@@ -30,13 +36,11 @@ pub struct CheckArgs {
     #[arg(long = "replicas-dns", value_name = "URL", env = "CHECK_REPLICAS_DNS")]
     pub replicas_dns: Option<String>,
 
-    /// Database of the service; PostgreSQL or SQLite. Skipped when unset.
-    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
-    pub database_url: Option<String>,
+    #[command(flatten)]
+    pub database: DatabaseUrlArg,
 
-    /// Redis of the service. Skipped when unset.
-    #[arg(long, env = "REDIS_URL", hide_env_values = true)]
-    pub redis_url: Option<String>,
+    #[command(flatten)]
+    pub redis: RedisUrlArg,
 
     /// Prometheus base URL: all active targets up, no firing alert but Watchdog.
     #[arg(long, env = "PROMETHEUS_URL")]
@@ -63,14 +67,6 @@ pub struct CheckArgs {
     pub json: bool,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Status {
-    Ok,
-    Failed,
-    Skipped,
-}
-
 #[derive(Debug, Serialize)]
 pub struct ComponentResult {
     pub component: String,
@@ -90,6 +86,8 @@ pub struct CheckReport {
 type Probe = BoxFuture<'static, Result<String, String>>;
 
 pub async fn run(args: CheckArgs) -> anyhow::Result<ExitCode> {
+    let database = args.database.configured()?;
+    let redis = args.redis.configured()?;
     let timeout = Duration::from_secs(args.timeout_secs);
     let http = reqwest::Client::builder()
         .timeout(timeout)
@@ -99,7 +97,7 @@ pub async fn run(args: CheckArgs) -> anyhow::Result<ExitCode> {
     let mut probes: Vec<(String, Option<Probe>)> = Vec::new();
 
     let mut urls: Vec<String> =
-        args.urls.iter().map(|u| u.trim().trim_end_matches('/').to_owned()).filter(|u| !u.is_empty()).collect();
+        args.urls.iter().filter_map(|u| non_empty(u.trim().trim_end_matches('/'))).map(str::to_owned).collect();
     if let Some(name_url) = configured(args.replicas_dns.as_deref()) {
         match replica_urls_of(&name_url).await {
             Ok(resolved) => urls.extend(resolved),
@@ -114,10 +112,13 @@ pub async fn run(args: CheckArgs) -> anyhow::Result<ExitCode> {
     for url in urls {
         probes.push((format!("replica {url}"), Some(probe_replica(http.clone(), url).boxed())));
     }
-    let database_url = configured(args.database_url.as_deref());
-    probes.push(("postgres".to_owned(), database_url.map(|url| probe_database(url).boxed())));
-    probes
-        .push(("redis".to_owned(), configured(args.redis_url.as_deref()).map(|url| probe_redis(url, timeout).boxed())));
+    // Named by what DATABASE_URL holds: production's PostgreSQL when nothing is configured.
+    let database_name = match &database {
+        Some(DatabaseUrl::Sqlite(_)) => "sqlite",
+        Some(DatabaseUrl::Postgres(_)) | None => "postgres",
+    };
+    probes.push((database_name.to_owned(), database.map(|url| probe_database(url).boxed())));
+    probes.push(("redis".to_owned(), redis.map(|url| probe_redis(url, timeout).boxed())));
     match configured(args.prometheus.as_deref()) {
         Some(base) => {
             let base = base.trim_end_matches('/').to_owned();
@@ -192,7 +193,7 @@ fn replica_urls(scheme: &str, mut addresses: Vec<SocketAddr>) -> Vec<String> {
 }
 
 fn configured(value: Option<&str>) -> Option<String> {
-    value.map(str::trim).filter(|v| !v.is_empty()).map(str::to_owned)
+    value.and_then(non_empty).map(str::to_owned)
 }
 
 /// `/health` must answer 200; `/ready` must answer 200 (its body says what is down otherwise).
@@ -255,12 +256,11 @@ fn shorten(text: &str) -> String {
 }
 
 /// `SELECT 1`, then every migration of this binary applied.
-async fn probe_database(raw: String) -> Result<String, String> {
-    let url = DatabaseUrl::parse(&raw).map_err(|e| e.to_string())?;
+async fn probe_database(url: DatabaseUrl) -> Result<String, String> {
     let settings = DatabaseSettings { url, pool_size: 2 };
     let database = Database::connect(&settings).await.map_err(|e| format!("{}: {e}", settings.url))?;
     let result = async {
-        database.check_ready().await.map_err(|e| e.to_string())?;
+        database.check_ready().await?;
         let detail = match &database {
             Database::Postgres(pool) => {
                 let (version, migrations): (String, i64) = sqlx::query_as(
@@ -268,28 +268,24 @@ async fn probe_database(raw: String) -> Result<String, String> {
                 )
                 .fetch_one(pool)
                 .await
-                .map_err(|e| crate::store::describe_sqlx_error(&e))?;
+                .map_err(sql_failed("reading the version and migrations"))?;
                 format!("PostgreSQL {version}, SELECT 1 ok, {migrations} migration(s) applied")
             }
             Database::Sqlite(_) => "SQLite, SELECT 1 ok, migrations applied".to_owned(),
         };
-        Ok::<_, String>(detail)
+        Ok::<_, anyhow::Error>(detail)
     }
     .await;
     database.close().await;
-    result
+    result.map_err(|e| format!("{e:#}"))
 }
 
 async fn probe_redis(url: String, timeout: Duration) -> Result<String, String> {
-    let client = redis::Client::open(url.as_str()).map_err(|e| format!("REDIS_URL: {e}"))?;
-    let config = redis::AsyncConnectionConfig::new().set_connection_timeout(timeout).set_response_timeout(timeout);
-    let mut connection =
-        client.get_multiplexed_async_connection_with_config(&config).await.map_err(|e| format!("unreachable: {e}"))?;
+    let mut connection = redis_conn::connect(redis_conn::open(&url)?, timeout).await?;
     let pong: String = redis::cmd("PING").query_async(&mut connection).await.map_err(|e| format!("PING: {e}"))?;
-    let info: String = redis::cmd("INFO").arg("memory").query_async(&mut connection).await.unwrap_or_default();
-    let memory =
-        super::redis_info_field(&info, "used_memory_human").map(|m| format!(", used memory {m}")).unwrap_or_default();
-    Ok(format!("PING {pong}{memory}"))
+    // The memory figure is a courtesy: a Redis that answers PING is up.
+    let memory = MemoryInfo::read(&mut connection).await.ok().and_then(|m| m.used_human);
+    Ok(format!("PING {pong}{}", memory.map(|m| format!(", used memory {m}")).unwrap_or_default()))
 }
 
 /// Every active target up; `unknown` (not scraped yet) is reported but not failed.

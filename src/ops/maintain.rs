@@ -16,8 +16,9 @@ use serde::Serialize;
 use sqlx::Row;
 
 use super::pg::quote_table;
-use super::{redis_info_field, sql_failed};
-use crate::config::{DatabaseArgs, DatabaseUrl, RedisArgs};
+use super::{sql_failed, Status};
+use crate::config::{DatabaseArgs, DatabaseSettings, RedisArgs, RedisSettings};
+use crate::redis_conn::{self, MemoryInfo};
 use crate::store::Database;
 use crate::telemetry::{self, millis};
 use crate::windows::{window_key_end, window_key_prefix, LONGEST_WINDOW_SECONDS};
@@ -58,8 +59,8 @@ pub struct Report {
 
 #[derive(Debug, Default, Serialize)]
 pub struct DatabaseReport {
-    /// `ok`, `failed`.
-    pub status: String,
+    /// `ok` or `failed`.
+    pub status: Status,
     pub backend: String,
     pub database: String,
     pub vacuumed: Vec<String>,
@@ -98,8 +99,8 @@ pub struct IndexReport {
 
 #[derive(Debug, Default, Serialize)]
 pub struct RedisReport {
-    /// `ok`, `failed` or `skipped` (no REDIS_URL).
-    pub status: String,
+    /// `skipped` when there is no REDIS_URL.
+    pub status: Status,
     pub prefix: String,
     /// Keys under the prefix.
     pub keys: u64,
@@ -118,16 +119,19 @@ pub struct RedisReport {
 }
 
 pub async fn run(args: MaintainArgs) -> anyhow::Result<ExitCode> {
+    let mut database_settings = args.database.settings()?;
+    database_settings.pool_size = 2;
+    let redis_settings = args.redis.settings()?;
     telemetry::init_logging(args.database.log_format, &args.database.log_level)?;
     let started = Instant::now();
     let started_at = Utc::now();
     let mut warnings = Vec::new();
     let mut failures = Vec::new();
 
-    let database = match maintain_database(&args, &mut warnings).await {
+    let database = match maintain_database(&database_settings, &mut warnings).await {
         Ok(report) => report,
         Err(error) => {
-            DatabaseReport { status: "failed".to_owned(), error: Some(format!("{error:#}")), ..Default::default() }
+            DatabaseReport { status: Status::Failed, error: Some(format!("{error:#}")), ..Default::default() }
         }
     };
     if let Some(error) = &database.error {
@@ -139,19 +143,17 @@ pub async fn run(args: MaintainArgs) -> anyhow::Result<ExitCode> {
         ));
     }
 
-    let redis = match args.redis.redis_url.as_deref().map(str::trim) {
-        None | Some("") => RedisReport {
-            status: "skipped".to_owned(),
-            prefix: args.redis.redis_key_prefix.clone(),
-            ..Default::default()
-        },
-        Some(url) => match maintain_redis(url, &args.redis.redis_key_prefix).await {
+    let redis = match &redis_settings {
+        None => {
+            RedisReport { status: Status::Skipped, prefix: args.redis.redis_key_prefix.clone(), ..Default::default() }
+        }
+        Some(settings) => match maintain_redis(settings).await {
             Ok(report) => report,
             Err(error) => {
                 failures.push(format!("redis: {error:#}"));
                 RedisReport {
-                    status: "failed".to_owned(),
-                    prefix: args.redis.redis_key_prefix.clone(),
+                    status: Status::Failed,
+                    prefix: settings.key_prefix.clone(),
                     error: Some(format!("{error:#}")),
                     ..Default::default()
                 }
@@ -191,15 +193,12 @@ pub async fn run(args: MaintainArgs) -> anyhow::Result<ExitCode> {
     Ok(if report.ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 
-async fn maintain_database(args: &MaintainArgs, warnings: &mut Vec<String>) -> anyhow::Result<DatabaseReport> {
-    let mut settings = args.database.settings()?;
-    settings.pool_size = 2;
+async fn maintain_database(settings: &DatabaseSettings, warnings: &mut Vec<String>) -> anyhow::Result<DatabaseReport> {
     let database =
-        Database::connect(&settings).await.with_context(|| format!("DATABASE_URL: cannot use {}", settings.url))?;
-    let result = match (&database, &settings.url) {
-        (Database::Postgres(pool), DatabaseUrl::Postgres(_)) => maintain_postgres(pool).await,
-        (Database::Sqlite(pool), _) => maintain_sqlite(pool, warnings).await,
-        _ => Err(anyhow::anyhow!("unexpected backend")),
+        Database::connect(settings).await.with_context(|| format!("DATABASE_URL: cannot use {}", settings.url))?;
+    let result = match &database {
+        Database::Postgres(pool) => maintain_postgres(pool).await,
+        Database::Sqlite(pool) => maintain_sqlite(pool, warnings).await,
     };
     database.close().await;
     result
@@ -275,7 +274,7 @@ async fn maintain_postgres(pool: &sqlx::PgPool) -> anyhow::Result<DatabaseReport
             .map_err(sql_failed("reading pg_stat_database"))?;
 
     Ok(DatabaseReport {
-        status: "ok".to_owned(),
+        status: Status::Ok,
         backend: "postgres".to_owned(),
         database: name,
         vacuumed,
@@ -343,7 +342,7 @@ async fn maintain_sqlite(pool: &sqlx::SqlitePool, warnings: &mut Vec<String>) ->
             .map_err(sql_failed("reading the database size"))?;
     warnings.push("SQLite backend: for development only; production runs PostgreSQL".to_owned());
     Ok(DatabaseReport {
-        status: "ok".to_owned(),
+        status: Status::Ok,
         backend: "sqlite".to_owned(),
         database: "sqlite".to_owned(),
         vacuumed: vec!["(whole database)".to_owned()],
@@ -375,19 +374,14 @@ fn glob_escape(text: &str) -> String {
     escaped
 }
 
-async fn maintain_redis(url: &str, prefix: &str) -> anyhow::Result<RedisReport> {
-    let client = redis::Client::open(url).map_err(|e| anyhow::anyhow!("REDIS_URL: {e}"))?;
-    let config =
-        redis::AsyncConnectionConfig::new().set_connection_timeout(REDIS_TIMEOUT).set_response_timeout(REDIS_TIMEOUT);
-    let mut connection =
-        tokio::time::timeout(REDIS_TIMEOUT, client.get_multiplexed_async_connection_with_config(&config))
-            .await
-            .map_err(|_| anyhow::anyhow!("Redis did not answer within {REDIS_TIMEOUT:?}"))?
-            .map_err(|e| anyhow::anyhow!("Redis unreachable: {e}"))?;
+async fn maintain_redis(settings: &RedisSettings) -> anyhow::Result<RedisReport> {
+    let client = redis_conn::open(&settings.url).map_err(anyhow::Error::msg)?;
+    let mut connection = redis_conn::connect(client, REDIS_TIMEOUT).await.map_err(anyhow::Error::msg)?;
 
+    let prefix = settings.key_prefix.as_str();
     let window_prefix = window_key_prefix(prefix);
     let now = Utc::now().timestamp();
-    let mut report = RedisReport { status: "ok".to_owned(), prefix: prefix.to_owned(), ..Default::default() };
+    let mut report = RedisReport { status: Status::Ok, prefix: prefix.to_owned(), ..Default::default() };
     let mut cursor: u64 = 0;
     loop {
         let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
@@ -437,12 +431,11 @@ async fn maintain_redis(url: &str, prefix: &str) -> anyhow::Result<RedisReport> 
         }
     }
 
-    let info: String = redis::cmd("INFO").arg("memory").query_async(&mut connection).await.context("INFO memory")?;
-    let field = |name: &str| redis_info_field(&info, name);
-    report.used_memory_bytes = field("used_memory").and_then(|v| v.parse().ok());
-    report.used_memory_human = field("used_memory_human").map(str::to_owned);
-    report.maxmemory_bytes = field("maxmemory").and_then(|v| v.parse().ok());
-    report.maxmemory_policy = field("maxmemory_policy").map(str::to_owned);
+    let memory = MemoryInfo::read(&mut connection).await.context("INFO memory")?;
+    report.used_memory_bytes = memory.used_bytes;
+    report.used_memory_human = memory.used_human;
+    report.maxmemory_bytes = memory.max_bytes;
+    report.maxmemory_policy = memory.max_policy;
     report.db_keys = redis::cmd("DBSIZE").query_async(&mut connection).await.ok();
     Ok(report)
 }
@@ -450,8 +443,8 @@ async fn maintain_redis(url: &str, prefix: &str) -> anyhow::Result<RedisReport> 
 fn print_text(report: &Report) {
     let db = &report.database;
     println!("maintain: {} in {} ms", if report.ok { "ok" } else { "FAILED" }, report.duration_ms);
-    match db.status.as_str() {
-        "ok" => {
+    match db.status {
+        Status::Ok => {
             println!(
                 "database ({} {}, {} bytes): VACUUM (ANALYZE) of {} table(s) in {} ms",
                 db.backend,
@@ -486,9 +479,9 @@ fn print_text(report: &Report) {
         _ => println!("database: FAILED: {}", db.error.as_deref().unwrap_or("unknown error")),
     }
     let r = &report.redis;
-    match r.status.as_str() {
-        "skipped" => println!("redis: skipped (no REDIS_URL)"),
-        "ok" => println!(
+    match r.status {
+        Status::Skipped => println!("redis: skipped (no REDIS_URL)"),
+        Status::Ok => println!(
             "redis (prefix {}): {} keys, {} window keys, deleted {} without TTL and {} stale, {} unknown; \
              used memory {} (maxmemory {} bytes, policy {}), {} keys in the database",
             r.prefix,

@@ -49,18 +49,24 @@ impl Drop for PendingFiles {
     }
 }
 
-pub(crate) use crate::signals::stop_requested as interrupted;
 /// How dumps are named, for whoever makes or reads a backup folder (the tests do).
 pub use dumps::{dump_file_name, parse_dump_name};
 
 /// `map_err` for a failed SQL step: what was being done, and the database's words without secrets.
-pub(crate) fn sql_failed(what: impl std::fmt::Display) -> impl FnOnce(sqlx::Error) -> anyhow::Error {
+/// (`&sql_failed(…)` serves several steps.)
+pub(crate) fn sql_failed(what: impl std::fmt::Display) -> impl Fn(sqlx::Error) -> anyhow::Error {
     move |error| anyhow::anyhow!("{what}: {}", crate::store::describe_sqlx_error(&error))
 }
 
-/// A field of Redis' `INFO` answer (`name:value` lines), trimmed.
-pub(crate) fn redis_info_field<'a>(info: &'a str, name: &str) -> Option<&'a str> {
-    info.lines().find_map(|line| line.strip_prefix(name).and_then(|rest| rest.strip_prefix(':')).map(str::trim))
+/// How a part of a report fared, in the words of the JSON reports of `check` and `maintain`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    Ok,
+    Failed,
+    /// Not configured, so not looked at (the state of a report part before its work).
+    #[default]
+    Skipped,
 }
 
 /// Seconds with millisecond precision, for summaries.

@@ -13,8 +13,9 @@ use sqlx::{Connection, PgConnection, Row};
 use url::Url;
 
 use super::dumps::TableInfo;
-use crate::config::{redact_url, DatabaseArgs, DatabaseUrl};
-use crate::store::{describe_sqlx_error, pg_connect_options};
+use super::sql_failed;
+use crate::config::{redact_url, ConfigError, DatabaseArgs, DatabaseUrl};
+use crate::store::pg_connect_options;
 
 /// Bound on establishing a connection (server down, packets dropped).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -89,18 +90,14 @@ pub struct PgTarget {
 
 impl PgTarget {
     /// `variable` names where the URL came from, for error messages.
-    pub fn parse(raw: &str, variable: &str) -> anyhow::Result<Self> {
-        match DatabaseUrl::parse(raw) {
-            Ok(DatabaseUrl::Postgres(url)) => Ok(Self { url }),
-            Ok(DatabaseUrl::Sqlite(_)) => anyhow::bail!(
-                "{variable}: this command works on PostgreSQL only, and {variable} is a SQLite URL (set a postgres:// URL)"
-            ),
-            Err(error) => anyhow::bail!("{variable}: {}", error.problem),
-        }
+    pub fn parse(raw: &str, variable: &'static str) -> Result<Self, ConfigError> {
+        let parsed = DatabaseUrl::parse(raw).map_err(|error| ConfigError::invalid(variable, error.problem))?;
+        Ok(Self { url: parsed.into_postgres(variable)? })
     }
 
-    pub fn from_args(args: &DatabaseArgs) -> anyhow::Result<Self> {
-        Self::parse(&args.database_url, "DATABASE_URL")
+    /// The database of `DATABASE_URL`, read as every command reads it.
+    pub fn from_args(args: &DatabaseArgs) -> Result<Self, ConfigError> {
+        Ok(Self { url: args.url.postgres()? })
     }
 
     /// The same server, another database.
@@ -129,11 +126,11 @@ impl PgTarget {
 
     pub async fn connect(&self) -> anyhow::Result<PgConnection> {
         let options = pg_connect_options(&self.url)
-            .map_err(|e| anyhow::anyhow!("invalid PostgreSQL URL {self}: {}", describe_sqlx_error(&e)))?
+            .map_err(sql_failed(format_args!("invalid PostgreSQL URL {self}")))?
             .application_name("endpoint-stats-ops");
         match tokio::time::timeout(CONNECT_TIMEOUT, PgConnection::connect_with(&options)).await {
             Ok(Ok(connection)) => Ok(connection),
-            Ok(Err(error)) => anyhow::bail!("cannot connect to {self}: {}", describe_sqlx_error(&error)),
+            Ok(Err(error)) => Err(sql_failed(format_args!("cannot connect to {self}"))(error)),
             Err(_) => anyhow::bail!("cannot connect to {self}: no answer within {CONNECT_TIMEOUT:?}"),
         }
     }
@@ -342,7 +339,7 @@ pub async fn user_tables(connection: &mut PgConnection) -> anyhow::Result<Vec<(S
     )
     .fetch_all(&mut *connection)
     .await
-    .map_err(|e| anyhow::anyhow!("listing tables: {}", describe_sqlx_error(&e)))?;
+    .map_err(sql_failed("listing tables"))?;
     rows.iter()
         .map(|row| Ok((row.try_get("schema")?, row.try_get("name")?)))
         .collect::<Result<_, sqlx::Error>>()
@@ -369,18 +366,18 @@ pub async fn inventory(connection: &mut PgConnection) -> anyhow::Result<Inventor
     for (schema, table) in user_tables(connection).await? {
         let qualified = format!("{schema}.{table}");
         let quoted = quote_table(&schema, &table);
-        let fail = |e: sqlx::Error| anyhow::anyhow!("inspecting {qualified}: {}", describe_sqlx_error(&e));
+        let fail = sql_failed(format!("inspecting {qualified}"));
         let (rows,): (i64,) = sqlx::query_as(&format!("SELECT count(*) FROM {quoted}"))
             .fetch_one(&mut *connection)
             .await
-            .map_err(fail)?;
-        let columns = table_columns(connection, &quoted).await.map_err(fail)?;
+            .map_err(&fail)?;
+        let columns = table_columns(connection, &quoted).await.map_err(&fail)?;
         let indexes: Vec<(String,)> =
             sqlx::query_as("SELECT pg_get_indexdef(indexrelid) FROM pg_index WHERE indrelid = $1::regclass ORDER BY 1")
                 .bind(&quoted)
                 .fetch_all(&mut *connection)
                 .await
-                .map_err(fail)?;
+                .map_err(&fail)?;
         inventory
             .tables
             .insert(qualified, TableInfo { rows, columns, indexes: indexes.into_iter().map(|(i,)| i).collect() });
@@ -388,13 +385,13 @@ pub async fn inventory(connection: &mut PgConnection) -> anyhow::Result<Inventor
     let has_migrations: (bool,) = sqlx::query_as("SELECT to_regclass('_sqlx_migrations') IS NOT NULL")
         .fetch_one(&mut *connection)
         .await
-        .map_err(|e| anyhow::anyhow!("looking for _sqlx_migrations: {}", describe_sqlx_error(&e)))?;
+        .map_err(sql_failed("looking for _sqlx_migrations"))?;
     if has_migrations.0 {
         let versions: Vec<(i64,)> =
             sqlx::query_as("SELECT version FROM _sqlx_migrations WHERE success ORDER BY version")
                 .fetch_all(&mut *connection)
                 .await
-                .map_err(|e| anyhow::anyhow!("reading _sqlx_migrations: {}", describe_sqlx_error(&e)))?;
+                .map_err(sql_failed("reading _sqlx_migrations"))?;
         inventory.migrations = versions.into_iter().map(|(v,)| v).collect();
     }
     Ok(inventory)

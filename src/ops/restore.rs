@@ -16,9 +16,8 @@ use sqlx::Connection;
 
 use super::dumps::{check_dump, list_dumps, newest_good, DumpFile, Manifest};
 use super::pg::{compare, find_tool, inventory, quote_table, run_tool, table_columns, user_tables, PgTarget};
-use super::seconds;
+use super::{seconds, sql_failed};
 use crate::config::DatabaseArgs;
-use crate::store::describe_sqlx_error;
 use crate::telemetry;
 
 #[derive(Debug, clap::Args)]
@@ -55,6 +54,7 @@ pub struct RestoreArgs {
 }
 
 pub async fn run(args: RestoreArgs) -> anyhow::Result<ExitCode> {
+    let target = PgTarget::from_args(&args.database)?;
     telemetry::init_logging(args.database.log_format, &args.database.log_level)?;
     let (dump, rerun) = match (&args.from, &args.dir) {
         (Some(file), _) => {
@@ -68,7 +68,6 @@ pub async fn run(args: RestoreArgs) -> anyhow::Result<ExitCode> {
         }
         (None, None) => anyhow::bail!("give --from FILE or --latest --dir DIR"),
     };
-    let target = PgTarget::from_args(&args.database)?;
     if !args.yes {
         anyhow::bail!(
             "refusing to restore {} into {target} without --yes: it replaces the data there (nothing was changed); \
@@ -95,7 +94,7 @@ pub async fn run(args: RestoreArgs) -> anyhow::Result<ExitCode> {
     )
     .fetch_one(&mut connection)
     .await
-    .map_err(|e| anyhow::anyhow!("DATABASE_URL: {}", describe_sqlx_error(&e)))?;
+    .map_err(sql_failed("DATABASE_URL"))?;
     if others > 0 {
         eprintln!(
             "endpoint-stats: warning: {others} connection(s) of the service are open to {target}: accesses counted during \
@@ -120,7 +119,7 @@ pub async fn run(args: RestoreArgs) -> anyhow::Result<ExitCode> {
         sqlx::raw_sql(&format!("ANALYZE {}", quote_table(&schema, &table)))
             .execute(&mut connection)
             .await
-            .map_err(|e| anyhow::anyhow!("ANALYZE {schema}.{table}: {}", describe_sqlx_error(&e)))?;
+            .map_err(sql_failed(format_args!("ANALYZE {schema}.{table}")))?;
     }
     let restored = inventory(&mut connection).await;
     let _ = connection.close().await;
@@ -157,9 +156,9 @@ async fn refuse_foreign_target(
     manifest: &Manifest,
     into_other_database: bool,
 ) -> anyhow::Result<()> {
-    let sql_error = |e: sqlx::Error| anyhow::anyhow!("inspecting DATABASE_URL: {}", describe_sqlx_error(&e));
+    let sql_error = sql_failed("inspecting DATABASE_URL");
     let (current,): (String,) =
-        sqlx::query_as("SELECT current_database()").fetch_one(&mut *connection).await.map_err(sql_error)?;
+        sqlx::query_as("SELECT current_database()").fetch_one(&mut *connection).await.map_err(&sql_error)?;
     if current != manifest.database && !into_other_database {
         anyhow::bail!(
             "check `database name`: the dump is of database {}, DATABASE_URL is database {current}; \
@@ -174,11 +173,11 @@ async fn refuse_foreign_target(
             .bind(&quoted)
             .fetch_one(&mut *connection)
             .await
-            .map_err(sql_error)?;
+            .map_err(&sql_error)?;
         if !exists {
             continue;
         }
-        let found = table_columns(connection, &quoted).await.map_err(sql_error)?;
+        let found = table_columns(connection, &quoted).await.map_err(&sql_error)?;
         if found != expected.columns {
             anyhow::bail!(
                 "check `table columns`: {name} in database {current} is not this service's table: its columns are \

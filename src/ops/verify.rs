@@ -14,9 +14,9 @@ use sqlx::Connection;
 
 use super::dumps::{check_dump, newest_dump, Manifest};
 use super::pg::{compare, find_tool, inventory, quote_ident, run_tool, PgTarget};
-use super::{interrupted, seconds};
-use crate::config::DatabaseArgs;
-use crate::store::describe_sqlx_error;
+use super::{seconds, sql_failed};
+use crate::config::{non_empty, DatabaseArgs};
+use crate::signals::stop_requested;
 use crate::telemetry;
 
 /// Scratch databases are named with this prefix, so that leftovers are recognisable.
@@ -42,32 +42,29 @@ pub struct VerifyArgs {
 }
 
 pub async fn run(args: VerifyArgs) -> anyhow::Result<ExitCode> {
+    let server = match args.scratch_url.as_deref().and_then(non_empty) {
+        Some(url) => PgTarget::parse(url, "--scratch-url")?,
+        None => PgTarget::from_args(&args.database)
+            .context("verify-backup restores on a PostgreSQL server: set DATABASE_URL or --scratch-url")?,
+    };
     telemetry::init_logging(args.database.log_format, &args.database.log_level)?;
     let started = Instant::now();
     let dump = newest_dump(&args.dir)?;
     let manifest = check_dump(&dump).await.with_context(|| format!("verify-backup: {}", dump.name))?;
     let pg_restore = find_tool("pg_restore", args.pg_bin_dir.as_deref())?;
-    let server = match &args.scratch_url {
-        Some(url) => PgTarget::parse(url, "--scratch-url")?,
-        None => PgTarget::from_args(&args.database)
-            .context("verify-backup restores on a PostgreSQL server: set DATABASE_URL or --scratch-url")?,
-    };
 
     let scratch_name = format!("{SCRATCH_PREFIX}{}", random_suffix());
     let mut admin = server.connect().await.context("cannot reach the server for the scratch database")?;
     let (server_version_num,): (String,) = sqlx::query_as("SELECT current_setting('server_version_num')")
         .fetch_one(&mut admin)
         .await
-        .map_err(|e| anyhow::anyhow!("reading the server version: {}", describe_sqlx_error(&e)))?;
+        .map_err(sql_failed("reading the server version"))?;
     sqlx::raw_sql(&format!("CREATE DATABASE {} TEMPLATE template0", quote_ident(&scratch_name)))
         .execute(&mut admin)
         .await
-        .map_err(|e| {
-            anyhow::anyhow!(
-                "cannot create scratch database {scratch_name} on {server} (the role needs CREATEDB, or pass --scratch-url): {}",
-                describe_sqlx_error(&e)
-            )
-        })?;
+        .map_err(sql_failed(format_args!(
+            "cannot create scratch database {scratch_name} on {server} (the role needs CREATEDB, or pass --scratch-url)"
+        )))?;
     // A fresh connection drops the scratch database later: this one could time out meanwhile.
     let _ = admin.close().await;
     tracing::info!(scratch = %scratch_name, dump = %dump.name, "scratch database created");
@@ -76,7 +73,7 @@ pub async fn run(args: VerifyArgs) -> anyhow::Result<ExitCode> {
     let restore_started = Instant::now();
     let outcome = tokio::select! {
         result = restore_and_compare(&scratch, &pg_restore, &dump.path, &manifest) => result,
-        signal = interrupted() => Err(anyhow::anyhow!("interrupted by {signal}")),
+        signal = stop_requested() => Err(anyhow::anyhow!("interrupted by {signal}")),
     };
     let restore_time = restore_started.elapsed();
 
@@ -145,7 +142,7 @@ async fn drop_scratch(server: &PgTarget, name: &str, force: bool) -> anyhow::Res
             let mut admin = server.connect().await?;
             let result = sqlx::raw_sql(&sql).execute(&mut admin).await;
             let _ = admin.close().await;
-            result.map(|_| ()).map_err(|e| anyhow::anyhow!("{}", describe_sqlx_error(&e)))
+            result.map(|_| ()).map_err(sql_failed("DROP DATABASE"))
         }
         .await;
         match result {

@@ -185,7 +185,7 @@ impl Database {
     /// The database gives up on any statement on it after `statement_timeout`, which rolls the
     /// statement back (PostgreSQL `statement_timeout`; SQLite `busy_timeout`, its only wait).
     pub async fn commit_connection(&self, statement_timeout: Duration) -> Result<CommitConnection, sqlx::Error> {
-        let millis = statement_timeout.as_millis().max(1);
+        let millis = crate::telemetry::millis(statement_timeout).max(1);
         Ok(match self {
             Self::Postgres(pool) => {
                 let mut connection = pool.acquire().await?;
