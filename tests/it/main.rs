@@ -11,6 +11,7 @@ mod api_contract;
 mod configuration;
 mod counting_invariants;
 mod database_tls;
+mod failover;
 mod hostile_clients;
 mod ops_backup;
 mod ops_check;
