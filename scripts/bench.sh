@@ -2,6 +2,7 @@
 # Benchmark of SPEC §10, with the baseline measured in the same run:
 #   scripts/bench.sh [--duration SECONDS] [--rounds N] [--connections N]
 #   scripts/bench.sh --soak MINUTES [--connections N]
+#   scripts/bench.sh --round-trips [--duration SECONDS] [--rounds N] [--connections N]
 # Measures a bare axum hello-world (bench/hello_baseline.rs, built from this repo) and the
 # service on PostgreSQL: GET / and GET /stats (req/s, p99), resident memory under load, /metrics
 # latency, lost counts (stored vs answered) and the group commit under GET / (commits/s, mean
@@ -14,8 +15,16 @@
 # --soak runs the mix with Redis for MINUTES instead, samples resident memory and open files every
 # 10 s and prints their first, last and maximum, the answers against the stored counts, and every
 # non-200 by route and status.
+# --round-trips runs GET / across a network round trip instead (issue 14): one delay-proxy
+# (bench/delay_proxy.rs) per round trip of 0, 0.5, 1 and 2 ms (one-way 0/250/500/1000 µs) in front
+# of the same PostgreSQL database, and one service instance behind each, started together and kept
+# for the whole run, so that each sees one constant round trip from its first connection, as in a
+# cluster. Only one load runs at a time; in each round the four take turns, in an order rotated
+# from round to round. Per round trip: req/s, p99, commits/s, accesses per commit, lost counts and
+# the ratio to the 0 ms load of the same round (median and range over the rounds).
 # The binaries come from `cargo build --release` in $CARGO_TARGET_DIR (default ./target); with
-# BENCH_BIN_DIR set, the hello-baseline and endpoint-stats found there are used and nothing is built.
+# BENCH_BIN_DIR set, the hello-baseline, delay-proxy and endpoint-stats found there are used and
+# nothing is built.
 set -euo pipefail
 
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -28,13 +37,15 @@ rounds=5
 connections=64
 threads=2
 soak_minutes=0
+round_trips=0
 while (($#)); do
   case "$1" in
     --duration) duration="$2"; shift 2 ;;
     --rounds) rounds="$2"; shift 2 ;;
     --connections) connections="$2"; shift 2 ;;
     --soak) soak_minutes="$2"; shift 2 ;;
-    -h | --help) sed -n '2,20p' "$0"; exit 0 ;;
+    --round-trips) round_trips=1; shift ;;
+    -h | --help) sed -n '2,27p' "$0"; exit 0 ;;
     *) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -132,6 +143,104 @@ peak_rss_kb() { # samples RSS of a pid for N seconds, prints the peak
 }
 
 psql "$admin_url" -qc "CREATE DATABASE $database" >/dev/null
+
+if ((round_trips)); then
+  one_way_us=(0 250 500 1000)
+  declare -A rt_port rt_pid proxy_pid
+  for us in "${one_way_us[@]}"; do
+    "$bin_dir/delay-proxy" --listen 127.0.0.1:0 --upstream 127.0.0.1:5432 --delay-us "$us" \
+      </dev/null >"$workdir/proxy.$us" 2>"$workdir/proxy.$us.err" & proxy_pid[$us]=$!; pids+=("${proxy_pid[$us]}")
+    for _ in $(seq 1 50); do grep -qs '^listening ' "$workdir/proxy.$us" && break; sleep 0.1; done
+    proxy_port="$(awk '/^listening /{n = split($2, a, ":"); print a[n]; exit}' "$workdir/proxy.$us")"
+    [[ -n "$proxy_port" ]] || { echo "delay-proxy at $us us did not start" >&2; exit 1; }
+    rt_port[$us]="$(free_port)"
+    DATABASE_URL="postgres://postgres@127.0.0.1:$proxy_port/$database" PORT="${rt_port[$us]}" BIND=127.0.0.1 \
+      RUST_LOG=warn "$bin_dir/endpoint-stats" & rt_pid[$us]=$!; pids+=("${rt_pid[$us]}")
+  done
+  for us in "${one_way_us[@]}"; do wait_http "http://127.0.0.1:${rt_port[$us]}/ready"; done
+  echo "warming up..." >&2
+  for us in "${one_way_us[@]}"; do run_wrk "http://127.0.0.1:${rt_port[$us]}/" "$connections" "$threads" 2 >/dev/null; done
+  # "commits batch_sum batch_count" of one service
+  commit_figures() {
+    curl -fs "http://127.0.0.1:$1/metrics" | awk '
+      $1 == "endpoint_stats_db_commit_duration_seconds_count" {c = $2}
+      $1 == "endpoint_stats_db_batch_size_sum" {s = $2} $1 == "endpoint_stats_db_batch_size_count" {n = $2}
+      END {print c + 0, s + 0, n + 0}'
+  }
+  # One line per round and round trip:
+  #   round one_way_us req/s p99 answered stored non2xx socket_errors commits batch_sum batch_count
+  : >"$workdir/round_trips"
+  for round in $(seq 1 "$rounds"); do
+    order=()
+    for i in 0 1 2 3; do order+=("${one_way_us[$(((i + round - 1) % 4))]}"); done
+    echo "round $round/$rounds: GET / at one-way ${order[*]} us (${duration}s each, $connections connections)..." >&2
+    for us in "${order[@]}"; do
+      before="$(stored /)"
+      read -r c0 s0 n0 < <(commit_figures "${rt_port[$us]}")
+      read -r rps p99 total non2xx _ errors < <(run_wrk "http://127.0.0.1:${rt_port[$us]}/")
+      read -r c1 s1 n1 < <(commit_figures "${rt_port[$us]}")
+      sleep 0.5
+      after="$(stored /)"
+      echo "$round $us $rps $p99 $((total - non2xx)) $((after - before)) $non2xx $errors" \
+        "$(echo "$c0 $c1 $s0 $s1 $n0 $n1" | awk '{print $2 - $1, $4 - $3, $6 - $5}')" >>"$workdir/round_trips"
+    done
+  done
+  python3 - "$workdir/round_trips" <<PY
+import statistics, sys
+median = statistics.median
+rows = [line.split() for line in open(sys.argv[1]) if line.strip()]
+by = {(int(r[0]), int(r[1])): r for r in rows}
+rounds = sorted({int(r[0]) for r in rows})
+delays = [0, 250, 500, 1000]
+g = lambda n, us, i: float(by[n, us][i])
+ratio = {us: [g(n, us, 2) / g(n, 0, 2) for n in rounds] for us in delays}
+print(f"\nendpoint-stats across a round trip: GET /, wrk -t$threads -c$connections, {len(rounds)} rounds of ${duration}s "
+      f"per round trip, $(nproc) cores; one delay-proxy and one service per round trip, same database")
+print(f"  {'round':<6}" + "".join(f" {f'{2 * us / 1000:g} ms req/s':>14} {'ratio':>6} {'p99 ms':>7}" for us in delays))
+for n in rounds:
+    print(f"  {n:<6}" + "".join(f" {g(n, us, 2):>14,.0f} {ratio[us][n - 1]:>6.2f} {g(n, us, 3):>7.2f}" for us in delays))
+targets = {500: (0.8, 10.0), 1000: (0.6, None)}
+base = [g(n, 0, 2) for n in rounds]
+if max(base) > 1.3 * min(base):
+    print(f"\n  NOTE: the 0 ms load moved between {min(base):,.0f} and {max(base):,.0f} req/s from round to round: "
+          "the machine was not quiet, and the ratios below say little")
+print()
+print(f"  {'round trip':<11} {'req/s (median, rounds)':>30} {'ratio to 0 ms (median, rounds)':>32} {'p99 ms (median, worst)':>24} "
+      f"{'commits/s':>10} {'acc/commit':>10}  counts")
+for us in delays:
+    rps = [g(n, us, 2) for n in rounds]
+    p99 = [g(n, us, 3) for n in rounds]
+    r = ratio[us]
+    answered = sum(int(by[n, us][4]) for n in rounds)
+    stored = sum(int(by[n, us][5]) for n in rounds)
+    non2xx = sum(int(by[n, us][6]) for n in rounds)
+    errors = "yes" if any(by[n, us][7] != "none" for n in rounds) else "none"
+    commits = [g(n, us, 8) / $duration for n in rounds]
+    per_commit = sum(g(n, us, 9) for n in rounds) / max(1, sum(g(n, us, 10) for n in rounds))
+    line = (f"  {f'{2 * us / 1000:g} ms':<11} {f'{median(rps):,.0f} ({min(rps):,.0f}-{max(rps):,.0f})':>30} "
+            f"{f'{median(r):.2f} ({min(r):.2f}-{max(r):.2f})':>32} {f'{median(p99):.2f}, {max(p99):.2f}':>24} "
+            f"{median(commits):>10,.0f} {per_commit:>10.1f}  answered {answered:,} stored {stored:,}: "
+            f"lost {max(0, answered - stored)} (cut off by wrk: {max(0, stored - answered)}), non-2xx {non2xx}, "
+            f"socket errors: {errors}")
+    print(line)
+    if us in targets:
+        want, p99_max = targets[us]
+        met = median(r) >= want and (p99_max is None or max(p99) < p99_max) and answered <= stored and non2xx == 0
+        print(f"  {'':<11} target at {2 * us / 1000:g} ms: ratio >= {want:.2f}"
+              + (f", p99 < {p99_max:g} ms (worst round)" if p99_max else "")
+              + f", zero lost: {'met' if met else 'NOT met'}")
+PY
+  # What each proxy really added beyond its delay: it prints how late it wrote its chunks when it ends.
+  for us in "${one_way_us[@]}"; do kill "${rt_pid[$us]}" 2>/dev/null || true; wait "${rt_pid[$us]}" 2>/dev/null || true; done
+  echo "  the proxies' own error (how late each chunk was written after its deadline, per direction):"
+  for us in "${one_way_us[@]}"; do
+    kill "${proxy_pid[$us]}" 2>/dev/null || true
+    wait "${proxy_pid[$us]}" 2>/dev/null || true
+    printf '  %-11s %s\n' "$(awk -v us="$us" 'BEGIN {print 2 * us / 1000 " ms"}')" \
+      "$(sed -n 's/^delay-proxy: since the start, //p' "$workdir/proxy.$us.err")"
+  done
+  exit 0
+fi
 
 # The production shape: a replica with Redis on, on the same database (loads never overlap).
 redis_port="$(free_port)"
