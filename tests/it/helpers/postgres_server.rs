@@ -84,8 +84,9 @@ impl PostgresServer {
         );
     }
 
-    /// A copy of `primary` taken with `pg_basebackup -R`: a streaming standby of it once started.
-    pub fn base_backup_of(primary: &PostgresServer) -> Self {
+    /// A copy of the primary at 127.0.0.1:`port` (its own, or a proxy's in front of it) taken
+    /// with `pg_basebackup -R`: a standby streaming from there once started.
+    pub fn base_backup_from(port: u16) -> Self {
         let standby = Self::new();
         standby.own_dir();
         run(
@@ -93,7 +94,7 @@ impl PostgresServer {
                 "-h",
                 "127.0.0.1",
                 "-p",
-                &primary.port.to_string(),
+                &port.to_string(),
                 "-U",
                 "postgres",
                 "-R",
