@@ -6,9 +6,10 @@
 //! fails the test, naming it. The cluster is stopped and its directory removed on drop.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 use crate::helpers::ops::backup;
+use crate::helpers::postgres_server::{run, set_mode, PostgresServer};
 use crate::helpers::{access_count, free_port, run_bin, settings, Output, TestApp};
 use endpoint_stats::config::{DatabaseSettings, DatabaseUrl};
 
@@ -61,7 +62,7 @@ async fn a_wrong_ca_a_missing_ca_file_and_no_tls_fail_the_start_with_one_line() 
     assert!(line.ends_with("invalid peer certificate: UnknownIssuer"), "{line}");
 
     // The Secret is not mounted: the parameter and the path are named.
-    let missing = server.dir.path().join("not-mounted/ca.crt");
+    let missing = server.dir().join("not-mounted/ca.crt");
     let missing_ca = server.url(&format!("sslmode=verify-full&sslrootcert={}", missing.display()));
     let line = failed_start(&server, &missing_ca).await;
     assert!(line.contains(&format!("sslrootcert={}: cannot read the file", missing.display())), "{line}");
@@ -102,59 +103,42 @@ fn assert_no_password(output: &Output, password: &str) {
     );
 }
 
-/// A PostgreSQL cluster in a temporary directory that accepts only TLS connections on
-/// 127.0.0.1:`port`, as `postgres` with `password`. `ca` signed its certificate (for 127.0.0.1
+/// A PostgreSQL cluster of the test's own ([`PostgresServer`]) that accepts only TLS connections
+/// on 127.0.0.1:`port`, as `postgres` with `password`. `ca` signed its certificate (for 127.0.0.1
 /// and localhost); `wrong_ca` is another CA.
 struct TlsPostgres {
-    dir: tempfile::TempDir,
-    bin: PathBuf,
-    /// `setpriv … --` when running as root (PostgreSQL refuses to run as root).
-    run_as: Vec<String>,
-    port: u16,
+    server: PostgresServer,
     password: String,
     ca: PathBuf,
     wrong_ca: PathBuf,
-    started: bool,
 }
 
 impl TlsPostgres {
     fn start() -> Self {
-        let bin = postgres_bin_dir();
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().to_path_buf();
-        let run_as = if is_root(&path) {
-            // the postgres user of the Debian package (scripts/test.sh installs it)
-            let known = Command::new("id").arg("postgres").stdout(Stdio::null()).status().is_ok_and(|s| s.success());
-            assert!(
-                known,
-                "running as root needs the user postgres to run the test cluster (apt-get install postgresql)"
-            );
-            ["setpriv", "--reuid=postgres", "--regid=postgres", "--init-groups", "--"].map(String::from).to_vec()
-        } else {
-            Vec::new()
-        };
-        let mut server = Self {
+        let server = PostgresServer::new();
+        let path = server.dir().to_path_buf();
+        let mut tls = Self {
             ca: path.join("ca.crt"),
             wrong_ca: path.join("wrong-ca.crt"),
-            dir,
-            bin,
-            run_as,
-            port: free_port(),
+            server,
             password: format!("tls-test-{:016x}", rand::random::<u64>()),
-            started: false,
         };
-        server.make_certificates();
-        server.init_and_start();
-        server
+        tls.make_certificates();
+        tls.init_and_start();
+        tls
+    }
+
+    fn dir(&self) -> &Path {
+        self.server.dir()
     }
 
     /// `postgres://postgres:PASSWORD@127.0.0.1:PORT/postgres?QUERY`
     fn url(&self, query: &str) -> String {
-        format!("postgres://postgres:{}@127.0.0.1:{}/postgres?{query}", self.password, self.port)
+        format!("postgres://postgres:{}@127.0.0.1:{}/postgres?{query}", self.password, self.server.port)
     }
 
     fn make_certificates(&self) {
-        let dir = self.dir.path();
+        let dir = self.dir();
         let ec_key = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "2"];
         for (name, subject) in [("ca", "/CN=endpoint-stats test CA"), ("wrong-ca", "/CN=endpoint-stats other CA")] {
             let (key, crt) = (format!("{name}.key"), format!("{name}.crt"));
@@ -201,162 +185,25 @@ impl TlsPostgres {
     }
 
     fn init_and_start(&mut self) {
-        let dir = self.dir.path().to_path_buf();
-        let data = dir.join("data");
-        std::fs::write(dir.join("pwfile"), format!("{}\n", self.password)).expect("write pwfile");
-        set_mode(&dir.join("pwfile"), 0o600);
-        if !self.run_as.is_empty() {
-            run(
-                Command::new("chown").args(["-R", "postgres:postgres"]).arg(&dir),
-                "chown the test cluster's directory",
-            );
-        }
-        let pwfile = format!("--pwfile={}", dir.join("pwfile").display());
-        run(
-            self.pg_command("initdb").arg("-D").arg(&data).args([
-                "-U",
-                "postgres",
-                "--auth=scram-sha-256",
-                "-E",
-                "UTF8",
-                "--locale=C",
-                "--no-sync",
-                &pwfile,
-            ]),
-            "initdb",
-        );
-        let _ = std::fs::remove_file(dir.join("pwfile"));
-        // Only TCP on 127.0.0.1 (no Unix socket), and only with TLS.
-        let config = format!(
-            "\nlisten_addresses = '127.0.0.1'\nport = {}\nunix_socket_directories = ''\nssl = on\n\
-             ssl_cert_file = '{}'\nssl_key_file = '{}'\nfsync = off\nmax_connections = 30\n",
-            self.port,
+        let dir = self.dir().to_path_buf();
+        let pwfile = dir.join("pwfile");
+        std::fs::write(&pwfile, format!("{}\n", self.password)).expect("write pwfile");
+        set_mode(&pwfile, 0o600);
+        self.server.initdb(&["--auth=scram-sha-256", &format!("--pwfile={}", pwfile.display())]);
+        let _ = std::fs::remove_file(&pwfile);
+        // Only with TLS.
+        let settings = format!(
+            "ssl = on\nssl_cert_file = '{}'\nssl_key_file = '{}'\nfsync = off\nmax_connections = 30",
             dir.join("server.crt").display(),
             dir.join("server.key").display()
         );
-        let mut conf = std::fs::OpenOptions::new().append(true).open(data.join("postgresql.conf")).expect("conf");
-        std::io::Write::write_all(&mut conf, config.as_bytes()).expect("append to postgresql.conf");
-        std::fs::write(data.join("pg_hba.conf"), "hostssl all all 127.0.0.1/32 scram-sha-256\n").expect("pg_hba.conf");
-
-        let log = dir.join("postgres.log");
-        let status = self
-            .pg_command("pg_ctl")
-            .arg("-D")
-            .arg(&data)
-            .arg("-l")
-            .arg(&log)
-            .args(["-w", "-t", "30", "start"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .expect("run pg_ctl");
-        // Whatever happened, drop tries to stop it.
-        self.started = true;
-        assert!(
-            status.success(),
-            "the test cluster did not start; its log:\n{}",
-            std::fs::read_to_string(&log).unwrap_or_default()
-        );
+        self.server.configure(&settings, Some("hostssl all all 127.0.0.1/32 scram-sha-256\n"));
+        self.server.start();
     }
-
-    fn pg_command(&self, tool: &str) -> Command {
-        let program = self.bin.join(tool);
-        match self.run_as.split_first() {
-            Some((first, rest)) => {
-                let mut command = Command::new(first);
-                command.args(rest).arg(program);
-                command
-            }
-            None => Command::new(program),
-        }
-    }
-}
-
-impl Drop for TlsPostgres {
-    fn drop(&mut self) {
-        if self.started {
-            let data = self.dir.path().join("data");
-            let stopped = self
-                .pg_command("pg_ctl")
-                .arg("-D")
-                .arg(&data)
-                .args(["-w", "-t", "20", "-m", "fast", "stop"])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status()
-                .is_ok_and(|s| s.success());
-            if !stopped {
-                let _ = self
-                    .pg_command("pg_ctl")
-                    .arg("-D")
-                    .arg(&data)
-                    .args(["-w", "-t", "20", "-m", "immediate", "stop"])
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null())
-                    .status();
-            }
-        }
-        // the TempDir removes the directory after this
-    }
-}
-
-/// The newest /usr/lib/postgresql/*/bin holding initdb and pg_ctl (Debian keeps them off PATH),
-/// else the directory of initdb on PATH.
-fn postgres_bin_dir() -> PathBuf {
-    let has_tools = |dir: &Path| dir.join("initdb").is_file() && dir.join("pg_ctl").is_file();
-    let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|entry| {
-            let version = entry.file_name().to_str()?.parse::<u32>().ok()?;
-            Some((version, entry.path().join("bin")))
-        })
-        .filter(|(_, bin)| has_tools(bin))
-        .collect();
-    versions.sort();
-    if let Some((_, bin)) = versions.pop() {
-        return bin;
-    }
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path).find(|dir| has_tools(dir)).unwrap_or_else(|| {
-        panic!(
-            "initdb and pg_ctl not found in /usr/lib/postgresql/*/bin nor on PATH: this test runs a PostgreSQL \
-             server of its own; install it (Debian: apt-get install postgresql, as scripts/test.sh does)"
-        )
-    })
 }
 
 fn openssl(dir: &Path, args: &[&str]) {
     let mut command = Command::new("openssl");
     command.args(args).current_dir(dir);
     run(&mut command, "openssl");
-}
-
-/// Runs `command` to success; panics naming `what` (a missing program included) with its output.
-fn run(command: &mut Command, what: &str) {
-    let output = match command.stdin(Stdio::null()).output() {
-        Ok(output) => output,
-        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
-            panic!("{what}: {:?} not found ({error}); this test needs it installed", command.get_program())
-        }
-        Err(error) => panic!("{what}: cannot run {:?}: {error}", command.get_program()),
-    };
-    assert!(
-        output.status.success(),
-        "{what} failed ({}):\n{}{}",
-        output.status,
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-}
-
-fn set_mode(path: &Path, mode: u32) {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod");
-}
-
-fn is_root(owned: &Path) -> bool {
-    use std::os::unix::fs::MetadataExt;
-    std::fs::metadata(owned).is_ok_and(|m| m.uid() == 0)
 }

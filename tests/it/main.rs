@@ -12,6 +12,7 @@ mod configuration;
 mod counting_invariants;
 mod database_tls;
 mod every_command;
+mod failover;
 mod hostile_clients;
 mod ops_backup;
 mod ops_check;

@@ -1,9 +1,12 @@
 //! Test harness: a database per test, the application on port 0, the real binary where a test
-//! needs a process ([`launch`]), and the helpers of the operations tests ([`ops`]). Nothing is
-//! left behind: databases are dropped, Redis keys deleted, child processes killed.
+//! needs a process ([`launch`]), the helpers of the operations tests ([`ops`]), a PostgreSQL
+//! server of a test's own ([`postgres_server`]) and the delaying TCP proxy ([`delay_proxy`]).
+//! Nothing is left behind: databases are dropped, Redis keys deleted, child processes killed.
 
+pub mod delay_proxy;
 pub mod launch;
 pub mod ops;
+pub mod postgres_server;
 
 use std::net::SocketAddr;
 use std::process::Stdio;
