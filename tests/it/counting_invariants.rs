@@ -4,6 +4,7 @@
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
+use crate::helpers::delay_proxy::DelayProxy;
 use crate::helpers::{
     self, access_count, client, heavy, settings, Bin, OwnRedis, Replica, TestApp, TestDatabase, TestRedisPrefix,
 };
@@ -67,6 +68,39 @@ async fn exact_across_two_replicas_sharing_postgres() {
 
     assert_exactly_one_to(&answers, total, "/");
     assert_eq!(database.stored_counts().await.get("/").copied(), Some(6000));
+}
+
+/// Across a round trip the batcher overlaps commits on the same row (several in flight, from each
+/// of two replicas). Values must stay exact and unique: each commit takes the range that ends at
+/// the count it returned, whatever order the commits reach the row in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exact_with_commits_overlapping_across_a_round_trip() {
+    let _heavy = heavy().await;
+    let database = TestDatabase::create().await;
+    let direct = url::Url::parse(&database.url).expect("test database URL");
+    let upstream = format!("{}:{}", direct.host_str().unwrap_or("127.0.0.1"), direct.port().unwrap_or(5432));
+    let mut proxy = DelayProxy::start(&upstream).await;
+    // 1 ms each way: a database 2 ms away, where the batcher allows several commits in flight.
+    proxy.command("delay 1000").await;
+    let mut proxied = direct.clone();
+    proxied.set_port(Some(proxy.port)).expect("a port on a postgres URL");
+    let replicas = [Replica::start(proxied.as_str(), &[]).await, Replica::start(proxied.as_str(), &[]).await];
+    let addresses: Vec<String> = replicas.iter().map(|r| r.address.clone()).collect();
+    let total = 4000;
+
+    let answers = burst(&addresses, "/", total, 64).await;
+
+    assert_exactly_one_to(&answers, total, "/");
+    assert_eq!(database.stored_counts().await.get("/").copied(), Some(4000));
+    for address in &addresses {
+        let metrics =
+            client().get(format!("{address}/metrics")).send().await.expect("metrics").text().await.expect("text");
+        let limit = metrics
+            .lines()
+            .find_map(|line| line.strip_prefix("endpoint_stats_db_commits_in_flight_limit "))
+            .and_then(|value| value.trim().parse::<f64>().ok());
+        assert!(limit.is_some_and(|limit| limit >= 2.0), "{address}: commits did not overlap (limit {limit:?})");
+    }
 }
 
 /// Mixed traffic makes batches that span endpoints (the general statement, rows created on first
