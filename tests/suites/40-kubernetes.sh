@@ -18,6 +18,7 @@
 #      only, each with a negative control (tests/deploy/break_render.py)
 #   5. hadolint on the Dockerfile, check-jsonschema on .github/workflows/
 # Nothing is written inside the repository.
+# test.sh: needs=binary
 set -euo pipefail
 cd "$REPO_ROOT"
 export PYTHONDONTWRITEBYTECODE=1 # no __pycache__ in the repository

@@ -2,6 +2,7 @@
 # The local stack refuses to start on a port that is already in use, names that port, and starts
 # nothing (no process, no state left running): from this checkout, and from a fresh clone that has
 # no .venv yet, as a newcomer's has before scripts/test.sh ever ran.
+# test.sh: needs=binary lane=local-stack
 set -euo pipefail
 
 REPO_ROOT="${REPO_ROOT:-$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)}"

@@ -22,6 +22,7 @@
 # Takes about two minutes.
 # Run by scripts/test.sh (REPO_ROOT, ENDPOINT_STATS_BIN exported); alone:
 #   REPO_ROOT=$PWD ENDPOINT_STATS_BIN=$PWD/target/release/endpoint-stats bash tests/suites/60-e2e-stack.sh
+# test.sh: needs=binary lane=local-stack
 set -euo pipefail
 
 REPO_ROOT="${REPO_ROOT:-$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)}"
