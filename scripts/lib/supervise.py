@@ -6,6 +6,7 @@ scripts/lib/stack-lib.sh (which calls this file for its port checks). Standard l
 Imported by tests/monitoring/monitoring_checks.py and tests/e2e/e2e.py (sys.path gets
 scripts/lib); run as a command by the shell:
 
+  supervise.py free-port                 print a port of 127.0.0.1 that is free now
   supervise.py busy-ports PORT...        print those of the ports that are in use; exit 0
   supervise.py port-in-use PORT          exit 0 when PORT is in use, 1 when it is free
   supervise.py hold-port OUT --from A --to B [--step N] [--seconds S]
@@ -123,6 +124,7 @@ def hold_port(out: str, low: int, high: int, step: int, seconds: float) -> int:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("free-port")
     p = sub.add_parser("busy-ports")
     p.add_argument("ports", nargs="+", type=int)
     p = sub.add_parser("port-in-use")
@@ -134,6 +136,9 @@ def main() -> int:
     p.add_argument("--step", type=int, default=1)
     p.add_argument("--seconds", type=float, default=120)
     args = parser.parse_args()
+    if args.command == "free-port":
+        print(free_port())
+        return 0
     if args.command == "busy-ports":
         for port in args.ports:
             if port_in_use(port):
