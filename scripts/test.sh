@@ -111,7 +111,7 @@ set -m
 # it starts first; the packages, databases and venv are installed meanwhile.
 log "building endpoint-stats (profile ci): target/test-logs/build.log"
 {
-  run_step build cargo build --profile ci --locked --bins
+  run_step build cargo build --profile ci --locked --bin endpoint-stats
   lane "${cargo_suites[@]}"
 } &
 lane_pids+=($!)

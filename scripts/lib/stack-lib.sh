@@ -4,6 +4,10 @@
 #
 # Every piece of the stack is a process whose pid is kept in "$STACK_DIR/pids/NAME.pid" and whose
 # output goes to "$STACK_DIR/logs/NAME.log". Nothing here touches a process it did not start.
+#
+# The whole-stack commands at the end (supervise_status, supervise_stop_all, ...) call the stack's
+# own hooks: all_pieces (the piece names, in start order), piece_port NAME, stop_one NAME and
+# piece_health NAME.
 
 stack_log() { printf '==> %s\n' "$*" >&2; }
 stack_die() { printf 'local-stack: %s\n' "$*" >&2; exit 1; }
@@ -231,4 +235,89 @@ wait_wrappers() {
   local _
   for _ in $(seq 1 50); do pgrep -f "piece-wrapper $STACK_DIR/" >/dev/null || break; sleep 0.1; done
   return 0
+}
+
+# ---------------------------------------------------------------------------------------------
+# The whole stack, through its hooks (see the top of this file).
+
+STACK_MARKER=.local-stack
+
+# stack_dir_claimable: dies when STACK_DIR exists, is not empty and is not a stack's (marker).
+stack_dir_claimable() {
+  [[ ! -e "$STACK_DIR" || -f "$STACK_DIR/$STACK_MARKER" || -z "$(ls -A "$STACK_DIR")" ]] \
+    || stack_die "$STACK_DIR exists and is not a stack directory: choose another --dir"
+}
+
+# stack_dir_claim: STACK_DIR, new (a previous stack's removed) and marked as a stack directory.
+# The caller has made sure that no piece of a previous stack there still runs.
+stack_dir_claim() {
+  stack_dir_claimable
+  rm -rf "$STACK_DIR"
+  mkdir -p "$STACK_DIR"
+  touch "$STACK_DIR/$STACK_MARKER"
+}
+
+# stack_dir_check: dies unless STACK_DIR is a stack directory (its marker), before removing it.
+stack_dir_check() {
+  [[ -f "$STACK_DIR/$STACK_MARKER" ]] || stack_die "$STACK_DIR is not a stack directory (no $STACK_MARKER marker): not touching it"
+}
+
+# supervise_running: the pieces that run (ours), one per line.
+supervise_running() {
+  local name
+  for name in $(all_pieces); do owned_pid "$name" >/dev/null && echo "$name"; done
+  return 0
+}
+
+# supervise_refuse_busy_ports HINT: dies naming the first piece whose port is in use, and its holder.
+supervise_refuse_busy_ports() {
+  local name ports=() busy
+  for name in $(all_pieces); do ports+=("$(piece_port "$name")"); done
+  busy="$(busy_ports "${ports[@]}" | head -1 || true)"
+  [[ -n "$busy" ]] || return 0
+  for name in $(all_pieces); do [[ "$(piece_port "$name")" == "$busy" ]] && break; done
+  stack_die "port $busy (for $name) is in use ($(port_owner "$busy")): $1"
+}
+
+# supervise_stop_all: every piece that runs, in reverse start order (stop_one), then the waiting
+# wrappers of start_piece_with_rc.
+supervise_stop_all() {
+  local pieces i
+  mapfile -t pieces < <(all_pieces)
+  for ((i = ${#pieces[@]} - 1; i >= 0; i--)); do
+    owned_pid "${pieces[$i]}" >/dev/null && { stop_one "${pieces[$i]}" || true; }
+  done
+  wait_wrappers
+}
+
+# supervise_check_stopped: dies when a piece still runs; notes the ports still in use.
+supervise_check_stopped() {
+  local name left
+  left="$(supervise_running | tr '\n' ' ')"
+  [[ -z "$left" ]] || stack_die "still running: ${left% } — $STACK_DIR kept"
+  for name in $(all_pieces); do
+    if port_in_use "$(piece_port "$name")"; then
+      stack_log "note: port $(piece_port "$name") ($name) is still in use ($(port_owner "$(piece_port "$name")"))"
+    fi
+  done
+}
+
+# supervise_status: a table of the pieces (pid, port, state, piece_health); true when all run.
+supervise_status() {
+  local name pid port state health running=0 total=0
+  printf '%-18s %-8s %-7s %-9s %s\n' PIECE PID PORT STATE CHECK
+  for name in $(all_pieces); do
+    total=$((total + 1))
+    port="$(piece_port "$name")"
+    if pid="$(owned_pid "$name")"; then
+      state=running; running=$((running + 1))
+      health="$(piece_health "$name")"
+    else
+      pid=- state=stopped health=-
+      [[ -f "$STACK_DIR/pids/$name.rc" ]] && health="last exit status $(cat "$STACK_DIR/pids/$name.rc")"
+    fi
+    printf '%-18s %-8s %-7s %-9s %s\n' "$name" "$pid" "$port" "$state" "$health"
+  done
+  echo "$running of $total pieces running in $STACK_DIR"
+  ((running == total))
 }
