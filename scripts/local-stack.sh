@@ -208,261 +208,82 @@ ALERTMANAGER_CONFIG=$STACK_DIR/alertmanager/alertmanager.yml
 EOF
 }
 
-# Process identity: the pid file plus the process start time, so that a recycled pid is never
-# taken for a piece of the stack.
-record_start() {
-  local pid
-  pid="$(cat "$STACK_DIR/pids/$1.pid")"
-  awk '{print $22}' "/proc/$pid/stat" >"$STACK_DIR/pids/$1.start" 2>/dev/null || true
-}
-owned_pid() {
-  local name="$1" pid start
-  pid="$(piece_pid "$name")"
-  [[ -n "$pid" ]] && pid_alive "$pid" || return 1
-  start="$(cat "$STACK_DIR/pids/$name.start" 2>/dev/null || true)"
-  [[ -z "$start" || "$start" == "$(awk '{print $22}' "/proc/$pid/stat" 2>/dev/null)" ]] || return 1
-  echo "$pid"
-}
-
-render() { # render TEMPLATE OUT KEY=VALUE...: replaces @KEY@ (values may span lines)
-  local template="$1" out="$2"; shift 2
-  "$PYTHON" - "$template" "$out" "$@" <<'EOF'
-import re, sys
-text = open(sys.argv[1]).read()
-for pair in sys.argv[3:]:
-    key, value = pair.split("=", 1)
-    text = text.replace(f"@{key}@", value)
-left = re.findall(r"@[A-Z_]+@", text)
-if left:
-    sys.exit(f"unrendered placeholders in {sys.argv[1]}: {sorted(set(left))}")
-open(sys.argv[2], "w").write(text)
-EOF
-}
-
-# ---------------------------------------------------------------------------------------------
-# configuration (at `up`)
-
-configure() {
-  local i
-  mkdir -p "$STACK_DIR"/{pids,logs,redis,sink,nginx/tmp,prometheus/data,alertmanager/data,alertmanager/secrets}
-  chmod 755 "$STACK_DIR"
-
-  # Slack webhooks, one per channel: the files of the Kubernetes Secret, here each holding a URL
-  # of the sink whose path names the file, so that a post shows which webhook carried it.
-  local webhook
-  while read -r webhook; do
-    echo "http://127.0.0.1:$SINK_PORT/services/local/$webhook" >"$STACK_DIR/alertmanager/secrets/$webhook"
-  done < <(sed -n 's|.*api_url_file: */etc/alertmanager/secrets/\([A-Za-z0-9_.-]*\).*|\1|p' \
-    "$MONITORING/alertmanager/alertmanager.yml" | sort -u)
-
-  # Alertmanager: the repository's alertmanager.yml, api_url_file pointed at those files (and the
-  # grouping timers shortened with --fast-alerts).
-  local am_args=(alertmanager "$MONITORING/alertmanager/alertmanager.yml" "$STACK_DIR/alertmanager/alertmanager.yml"
-    --webhook-dir "$STACK_DIR/alertmanager/secrets")
-  ((FAST_ALERTS)) && am_args+=(--group-wait "$FAST_GROUP_WAIT" --group-interval "$FAST_GROUP_INTERVAL" --repeat-interval "$FAST_REPEAT_INTERVAL")
-  "$PYTHON" "$LOCAL/transform-monitoring.py" "${am_args[@]}" 2>>"$STACK_DIR/logs/configure.log" \
-    || { cat "$STACK_DIR/logs/configure.log" >&2; return 1; }
-  amtool check-config "$STACK_DIR/alertmanager/alertmanager.yml" >>"$STACK_DIR/logs/configure.log" 2>&1 \
-    || { stack_log "amtool check-config failed"; tail -20 "$STACK_DIR/logs/configure.log" >&2; return 1; }
-
-  # Rules: the repository's files as they are, or (--fast-alerts) copies with short `for:`.
-  local rules_glob="$MONITORING/prometheus/rules/*.yml" rule
-  compgen -G "$rules_glob" >/dev/null || { stack_log "no rule files match $rules_glob"; return 1; }
-  if ((FAST_ALERTS)); then
-    mkdir -p "$STACK_DIR/prometheus/rules"
-    for rule in "$MONITORING"/prometheus/rules/*.yml; do
-      "$PYTHON" "$LOCAL/transform-monitoring.py" rules "$rule" "$STACK_DIR/prometheus/rules/$(basename "$rule")" \
-        --for "$FAST_FOR" 2>>"$STACK_DIR/logs/configure.log" || { cat "$STACK_DIR/logs/configure.log" >&2; return 1; }
-    done
-    rules_glob="$STACK_DIR/prometheus/rules/*.yml"
-  fi
-
-  local scrape_targets=""
-  for ((i = 1; i <= REPLICAS; i++)); do
-    scrape_targets+="      - targets:
-          - 127.0.0.1:$(replica_port "$i")
-        labels:
-          namespace: $NAMESPACE
-          pod: endpoint-stats-$i
-"
-  done
-  render "$LOCAL/prometheus.yml.tmpl" "$STACK_DIR/prometheus/prometheus.yml" \
-    "SCRAPE_INTERVAL=$SCRAPE_INTERVAL" "RULES_GLOB=$rules_glob" "ALERTMANAGER_PORT=$ALERTMANAGER_PORT" \
-    "REPLICA_TARGETS=${scrape_targets%$'\n'}" "POSTGRES_EXPORTER_PORT=$POSTGRES_EXPORTER_PORT" \
-    "REDIS_EXPORTER_PORT=$REDIS_EXPORTER_PORT" "PROMETHEUS_PORT=$PROMETHEUS_PORT" "LB_PORT=$LB_PORT" \
-    "NAMESPACE=$NAMESPACE" || return 1
-  promtool check config "$STACK_DIR/prometheus/prometheus.yml" >>"$STACK_DIR/logs/configure.log" 2>&1 \
-    || { stack_log "promtool check config failed"; tail -20 "$STACK_DIR/logs/configure.log" >&2; return 1; }
-
-  local servers=""
-  for ((i = 1; i <= REPLICAS; i++)); do
-    servers+="        server 127.0.0.1:$(replica_port "$i") max_fails=1 fail_timeout=2s;
-"
-  done
-  render "$LOCAL/nginx.conf.tmpl" "$STACK_DIR/nginx/nginx.conf" \
-    "STATE=$STACK_DIR" "LB_PORT=$LB_PORT" "UPSTREAM_SERVERS=${servers%$'\n'}" || return 1
-  "$NGINX_CMD" -t -q -c "$STACK_DIR/nginx/nginx.conf" -p "$STACK_DIR/nginx/" -e "$STACK_DIR/logs/nginx-error.log" \
-    >>"$STACK_DIR/logs/configure.log" 2>&1 \
-    || { stack_log "nginx -t failed"; tail -20 "$STACK_DIR/logs/configure.log" >&2; return 1; }
-
-  # PostgreSQL: a throwaway cluster of its own.
-  mkdir -p "$STACK_DIR/postgres"
-  if ((${#PG_AS[@]})) && ! "${PG_AS[@]}" test -x "$STACK_DIR"; then
-    stack_log "the postgres user cannot reach $STACK_DIR (a parent directory is not searchable): choose another --dir or chmod o+x its parents"
-    return 1
-  fi
-  touch "$STACK_DIR/logs/postgres.log"
-  if ((${#PG_AS[@]})); then chown postgres: "$STACK_DIR/postgres" "$STACK_DIR/logs/postgres.log"; fi
-  # TCP (everything the stack runs) authenticates with scram-sha-256, so that the roles'
-  # passwords are really checked; the Unix socket (mode 0700, in the state directory) trusts its
-  # owner.
-  local pwfile="$STACK_DIR/postgres/admin-password"
-  (umask 077 && printf '%s\n' "$POSTGRES_ADMIN_PASSWORD" >"$pwfile")
-  if ((${#PG_AS[@]})); then chown postgres: "$pwfile"; fi
-  "${PG_AS[@]}" "$PG_BIN_DIR/initdb" -D "$STACK_DIR/postgres/data" -U postgres --auth-local=trust \
-    --auth-host=scram-sha-256 --pwfile="$pwfile" -E UTF8 --no-sync >>"$STACK_DIR/logs/postgres.log" 2>&1 \
-    || { rm -f "$pwfile"; stack_log "initdb failed"; log_tail postgres; return 1; }
-  rm -f "$pwfile"
-
-  # Redis requires the password (requirepass): in a file of mode 600, never on a command line.
-  (umask 077 && printf '%s\n' "bind 127.0.0.1" "port $REDIS_PORT" "protected-mode yes" \
-    "requirepass $REDIS_PASSWORD" 'save ""' "appendonly no" "dir $STACK_DIR/redis" "daemonize no" \
-    >"$STACK_DIR/redis/redis.conf")
-}
-
-# The database after the server starts: the database, the roles (apply-roles.sh, as the
-# administrator) and the migrations, applied as the schema's owner, like the Kubernetes Job
-# endpoint-stats-db-roles and the service's init container `migrate`. Idempotent.
-prepare_database() {
-  (
-    export PGUSER=postgres PGPASSWORD="$POSTGRES_ADMIN_PASSWORD"
-    if [[ -z "$(psql -X -h 127.0.0.1 -p "$POSTGRES_PORT" -d postgres -tAc \
-      "select 1 from pg_database where datname = 'endpoint_stats'")" ]]; then
-      psql -X -h 127.0.0.1 -p "$POSTGRES_PORT" -d postgres -qc 'create database endpoint_stats'
-    fi
-    export OWNER_DATABASE_URL APP_DATABASE_URL="$DATABASE_URL" BACKUP_DATABASE_URL VERIFY_DATABASE_URL \
-      MONITOR_DATABASE_URL ROLES_WAIT_SECS=20
-    bash "$APPLY_ROLES"
-  ) >>"$STACK_DIR/logs/roles.log" 2>&1 || { stack_log "database roles failed"; log_tail roles; return 1; }
-  DATABASE_URL="$OWNER_DATABASE_URL" LOG_FORMAT=text RUST_LOG=info "$ENDPOINT_STATS_BIN" migrate \
-    >>"$STACK_DIR/logs/migrate.log" 2>&1 || { stack_log "migrate (as endpoint_stats_owner) failed"; log_tail migrate; return 1; }
-}
+# The configuration of every piece at `up` (configure) and the database after PostgreSQL starts
+# (prepare_database): deploy/local/configure.sh, beside the templates it renders.
+# shellcheck source=deploy/local/configure.sh
+source "$LOCAL/configure.sh"
 
 # ---------------------------------------------------------------------------------------------
 # pieces
 
+# start_one NAME: the piece's command and readiness check, run by supervise_start
+# (scripts/lib/stack-lib.sh: refuses a taken port, waits, shows the log's tail on failure).
 start_one() {
   local name="$1" port
   port="$(piece_port "$name")"
-  if owned_pid "$name" >/dev/null; then stack_log "$name already runs"; return 0; fi
-  if port_in_use "$port"; then
-    local owner
-    owner="$(port_owner "$port")"
-    stack_log "$name: port $port is in use${owner:+ by $owner}"
-    return 1
-  fi
   case "$name" in
     postgres)
-      start_piece postgres "${PG_AS[@]}" "$PG_BIN_DIR/postgres" -D "$STACK_DIR/postgres/data" \
-        -p "$POSTGRES_PORT" -k "$STACK_DIR/postgres" -c unix_socket_permissions=0700 \
-        -c listen_addresses=127.0.0.1 -c max_connections=100
-      record_start postgres
-      wait_until postgres 30 pg_isready -q -h 127.0.0.1 -p "$POSTGRES_PORT" || return 1
-      prepare_database ;;
+      supervise_start postgres "$port" 30 pg_isready -q -h 127.0.0.1 -p "$port" -- \
+        "${PG_AS[@]}" "$PG_BIN_DIR/postgres" -D "$STACK_DIR/postgres/data" -p "$port" -k "$STACK_DIR/postgres" \
+        -c unix_socket_permissions=0700 -c listen_addresses=127.0.0.1 -c max_connections=100 \
+        && prepare_database ;;
     redis)
-      start_piece redis redis-server "$STACK_DIR/redis/redis.conf"
-      record_start redis
-      wait_until redis 20 redis_ping ;;
+      supervise_start redis "$port" 20 redis_ping -- redis-server "$STACK_DIR/redis/redis.conf" ;;
     sink)
-      start_piece sink python3 "$LOCAL/slack-sink.py" --port "$SINK_PORT" --out "$STACK_DIR/sink/posts.jsonl"
-      record_start sink
-      wait_until sink 20 http_ok "http://127.0.0.1:$SINK_PORT/" ;;
+      supervise_start sink "$port" 20 http_ok "http://127.0.0.1:$port/" -- \
+        python3 "$LOCAL/slack-sink.py" --port "$port" --out "$STACK_DIR/sink/posts.jsonl" ;;
     alertmanager)
-      start_piece alertmanager "$ALERTMANAGER_CMD" --config.file="$STACK_DIR/alertmanager/alertmanager.yml" \
-        --storage.path="$STACK_DIR/alertmanager/data" --web.listen-address="127.0.0.1:$ALERTMANAGER_PORT" \
-        --web.external-url="http://127.0.0.1:$ALERTMANAGER_PORT/" --cluster.listen-address=
-      record_start alertmanager
-      wait_until alertmanager 30 http_ok "http://127.0.0.1:$ALERTMANAGER_PORT/-/ready" ;;
-    postgres-exporter)
-      # as the monitor role (pg_monitor); credentials in the environment, not on the command line
-      (export DATA_SOURCE_NAME="$MONITOR_DATABASE_URL"
-        start_piece postgres-exporter "$PG_EXPORTER_CMD" --web.listen-address="127.0.0.1:$POSTGRES_EXPORTER_PORT")
-      record_start postgres-exporter
-      wait_until postgres-exporter 20 http_ok "http://127.0.0.1:$POSTGRES_EXPORTER_PORT/metrics" ;;
+      supervise_start alertmanager "$port" 30 http_ok "http://127.0.0.1:$port/-/ready" -- \
+        "$ALERTMANAGER_CMD" --config.file="$STACK_DIR/alertmanager/alertmanager.yml" \
+        --storage.path="$STACK_DIR/alertmanager/data" --web.listen-address="127.0.0.1:$port" \
+        --web.external-url="http://127.0.0.1:$port/" --cluster.listen-address= ;;
+    postgres-exporter) # as the monitor role (pg_monitor)
+      supervise_start postgres-exporter "$port" 20 http_ok "http://127.0.0.1:$port/metrics" -- \
+        --env "DATA_SOURCE_NAME=$MONITOR_DATABASE_URL" "$PG_EXPORTER_CMD" --web.listen-address="127.0.0.1:$port" ;;
     redis-exporter)
-      (export REDIS_PASSWORD
-        start_piece redis-exporter "$REDIS_EXPORTER_CMD" -redis.addr "redis://127.0.0.1:$REDIS_PORT" \
-          -web.listen-address "127.0.0.1:$REDIS_EXPORTER_PORT")
-      record_start redis-exporter
-      wait_until redis-exporter 20 http_ok "http://127.0.0.1:$REDIS_EXPORTER_PORT/metrics" ;;
+      supervise_start redis-exporter "$port" 20 http_ok "http://127.0.0.1:$port/metrics" -- \
+        --env "REDIS_PASSWORD=$REDIS_PASSWORD" "$REDIS_EXPORTER_CMD" -redis.addr "redis://127.0.0.1:$REDIS_PORT" \
+        -web.listen-address "127.0.0.1:$port" ;;
     replica-*)
-      launch_replica "$name" && wait_replica "$name" ;;
+      replica_args "$name"
+      supervise_start "$name" "$port" 60 http_ok "http://127.0.0.1:$port/ready" -- "${REPLICA_ARGS[@]}" ;;
     nginx)
-      start_piece nginx "$NGINX_CMD" -c "$STACK_DIR/nginx/nginx.conf" -p "$STACK_DIR/nginx/" \
-        -e "$STACK_DIR/logs/nginx-error.log"
-      record_start nginx
-      wait_until nginx 20 http_ok "http://127.0.0.1:$LB_PORT/health" ;;
+      supervise_start nginx "$port" 20 http_ok "http://127.0.0.1:$port/health" -- \
+        "$NGINX_CMD" -c "$STACK_DIR/nginx/nginx.conf" -p "$STACK_DIR/nginx/" -e "$STACK_DIR/logs/nginx-error.log" ;;
     prometheus)
       local resend=15s
       ((FAST_ALERTS)) && resend=2s
-      start_piece prometheus prometheus --config.file="$STACK_DIR/prometheus/prometheus.yml" \
+      supervise_start prometheus "$port" 30 http_ok "http://127.0.0.1:$port/-/ready" -- \
+        prometheus --config.file="$STACK_DIR/prometheus/prometheus.yml" \
         --storage.tsdb.path="$STACK_DIR/prometheus/data" --storage.tsdb.retention.time=1d \
-        --web.listen-address="127.0.0.1:$PROMETHEUS_PORT" --web.enable-lifecycle \
-        --rules.alert.resend-delay="$resend"
-      record_start prometheus
-      wait_until prometheus 30 http_ok "http://127.0.0.1:$PROMETHEUS_PORT/-/ready" ;;
+        --web.listen-address="127.0.0.1:$port" --web.enable-lifecycle --rules.alert.resend-delay="$resend" ;;
     *) stack_log "unknown piece: $name"; return 1 ;;
   esac
 }
 
-launch_replica() {
-  local name="$1" port
-  port="$(piece_port "$name")"
-  # the service's role (endpoint_stats_app) and Redis' password, in the environment: the
-  # waiting wrapper's command line (visible in ps) holds no secret
-  (export DATABASE_URL REDIS_URL
-    start_piece_with_rc "$name" env "PORT=$port" BIND=127.0.0.1 LOG_FORMAT=json RUST_LOG=info \
-      DB_POOL_SIZE=8 SHUTDOWN_GRACE_SECS=10 "$ENDPOINT_STATS_BIN" serve) || return 1
-  record_start "$name"
+# replica_args NAME: a replica's launch (supervise_launch's arguments after NAME): the service's
+# role (endpoint_stats_app) and Redis' password in the environment, so that the waiting wrapper's
+# command line (visible in ps) holds no secret; its exit status kept (--rc).
+replica_args() {
+  REPLICA_ARGS=(--rc --env "DATABASE_URL=$DATABASE_URL" --env "REDIS_URL=$REDIS_URL" env "PORT=$(piece_port "$1")"
+    BIND=127.0.0.1 LOG_FORMAT=json RUST_LOG=info DB_POOL_SIZE=8 SHUTDOWN_GRACE_SECS=10 "$ENDPOINT_STATS_BIN" serve)
 }
+launch_replica() { replica_args "$1" && supervise_launch "$1" "${REPLICA_ARGS[@]}"; }
 redis_ping() { REDISCLI_AUTH="$REDIS_PASSWORD" redis-cli --no-auth-warning -h 127.0.0.1 -p "$REDIS_PORT" ping 2>/dev/null | grep -q PONG; }
 wait_replica() { wait_until "$1" 60 http_ok "http://127.0.0.1:$(piece_port "$1")/ready"; }
 
-# stop_one NAME: graceful stop; prints the exit status of a replica.
+# stop_one NAME: graceful stop; a replica's exit status must be 0.
 stop_one() {
-  local name="$1" pid
-  pid="$(owned_pid "$name")" || { stack_log "$name is not running"; return 0; }
-  case "$name" in
-    postgres)
-      # SIGINT: PostgreSQL's fast shutdown (SIGTERM would wait for the replicas' pools to close)
-      kill -INT "$pid" 2>/dev/null || true
-      wait_gone "$pid" 30 || stop_pid postgres "$pid" 5 ;;
-    replica-*)
-      stop_pid "$name" "$pid" 30
-      local rc="" _
-      for _ in $(seq 1 50); do
-        rc="$(cat "$STACK_DIR/pids/$name.rc" 2>/dev/null || true)"; [[ -n "$rc" ]] && break; sleep 0.1
-      done
-      stack_log "$name stopped (exit status ${rc:-unknown})"
-      [[ "$rc" == 0 ]] || return 1 ;;
-    *) stop_pid "$name" "$pid" 15 ;;
+  case "$1" in
+    # SIGINT: PostgreSQL's fast shutdown (SIGTERM would wait for the replicas' pools to close)
+    postgres) supervise_stop postgres INT 30 ;;
+    replica-*) supervise_stop --rc "$1" TERM 30 ;;
+    *) supervise_stop "$1" TERM 15 ;;
   esac
-  rm -f "$STACK_DIR/pids/$name.pid" "$STACK_DIR/pids/$name.start"
 }
 
-stop_all() {
-  local pieces name i
-  mapfile -t pieces < <(all_pieces)
-  # reverse order: Prometheus and nginx first, PostgreSQL last
-  for ((i = ${#pieces[@]} - 1; i >= 0; i--)); do
-    name="${pieces[$i]}"
-    owned_pid "$name" >/dev/null && { stop_one "$name" || true; }
-  done
-  # replicas were started by a waiting bash: wait for those to write their status and end
-  local _
-  for _ in $(seq 1 50); do pgrep -f "piece-wrapper $STACK_DIR/" >/dev/null || break; sleep 0.1; done
-  return 0
-}
+# stop_all: every piece that runs, in reverse order (Prometheus and nginx first, PostgreSQL last).
+stop_all() { supervise_stop_all; }
 
 # ---------------------------------------------------------------------------------------------
 # commands
@@ -473,25 +294,14 @@ cmd_up() {
   if [[ -f "$STACK_DIR/$ENV_FILE_NAME" ]]; then
     # a previous stack in this directory: refuse while any of its pieces runs
     local running
-    running="$(load_env; for name in $(all_pieces); do owned_pid "$name" >/dev/null && echo "$name"; done; true)"
-    [[ -z "$running" ]] || stack_die "a stack already runs in $STACK_DIR ($(echo "$running" | tr '\n' ' ')): use status or down"
+    running="$(load_env; supervise_running | tr '\n' ' ')"
+    [[ -z "$running" ]] || stack_die "a stack already runs in $STACK_DIR (${running}): use status or down"
   fi
-  if [[ -e "$STACK_DIR" ]]; then
-    [[ -f "$STACK_DIR/.local-stack" || -z "$(ls -A "$STACK_DIR")" ]] \
-      || stack_die "$STACK_DIR exists and is not a stack directory: choose another --dir"
-    rm -rf "$STACK_DIR"
-  fi
-  local name ports=() busy
-  for name in $(all_pieces); do ports+=("$(piece_port "$name")"); done
-  busy="$(busy_ports "${ports[@]}" | head -1 || true)"
-  if [[ -n "$busy" ]]; then
-    for name in $(all_pieces); do [[ "$(piece_port "$name")" == "$busy" ]] && break; done
-    stack_die "port $busy (for $name) is in use ($(port_owner "$busy")): choose another --base-port (now $BASE_PORT)"
-  fi
+  stack_dir_claimable
+  supervise_refuse_busy_ports "choose another --base-port (now $BASE_PORT)"
 
-  local started=$SECONDS
-  mkdir -p "$STACK_DIR"
-  touch "$STACK_DIR/.local-stack"
+  local started=$SECONDS name
+  stack_dir_claim
   make_passwords
   write_env
   load_env # the URLs and passwords, as every later command sees them
@@ -525,19 +335,9 @@ up_failed() {
   exit 1
 }
 
-all_targets_up() {
-  curl -fsS --max-time 2 "http://127.0.0.1:$PROMETHEUS_PORT/api/v1/targets?state=active" | python3 -c '
-import json, sys
-targets = json.load(sys.stdin)["data"]["activeTargets"]
-sys.exit(0 if targets and all(t["health"] == "up" for t in targets) else 1)'
-}
-
-show_targets() {
-  curl -fsS --max-time 2 "http://127.0.0.1:$PROMETHEUS_PORT/api/v1/targets?state=active" | python3 -c '
-import json, sys
-for t in json.load(sys.stdin)["data"]["activeTargets"]:
-    print(f"  {t[\"labels\"][\"job\"]:20} {t[\"scrapeUrl\"]:40} {t[\"health\"]:8} {t.get(\"lastError\", \"\")}")' || true
-}
+# Prometheus' active targets: all up (exit status), or a table of them
+all_targets_up() { python3 "$LOCAL/stack-tool.py" targets --prometheus "http://127.0.0.1:$PROMETHEUS_PORT" --all-up; }
+show_targets() { python3 "$LOCAL/stack-tool.py" targets --prometheus "http://127.0.0.1:$PROMETHEUS_PORT" || true; }
 
 print_urls() {
   local i
@@ -566,22 +366,7 @@ EOF
 cmd_status() {
   if [[ ! -f "$STACK_DIR/$ENV_FILE_NAME" ]]; then echo "no stack in $STACK_DIR"; return 3; fi
   load_env
-  local name pid port state health running=0 total=0
-  printf '%-18s %-8s %-7s %-9s %s\n' PIECE PID PORT STATE CHECK
-  for name in $(all_pieces); do
-    total=$((total + 1))
-    port="$(piece_port "$name")"
-    if pid="$(owned_pid "$name")"; then
-      state=running; running=$((running + 1))
-      health="$(piece_health "$name")"
-    else
-      pid=- state=stopped health=-
-      [[ -f "$STACK_DIR/pids/$name.rc" ]] && health="last exit status $(cat "$STACK_DIR/pids/$name.rc")"
-    fi
-    printf '%-18s %-8s %-7s %-9s %s\n' "$name" "$pid" "$port" "$state" "$health"
-  done
-  echo "$running of $total pieces running in $STACK_DIR"
-  ((running == total))
+  supervise_status
 }
 
 piece_health() {
@@ -599,20 +384,13 @@ piece_health() {
 
 cmd_down() {
   if [[ ! -e "$STACK_DIR" ]]; then echo "no stack in $STACK_DIR: nothing to do"; return 0; fi
-  [[ -f "$STACK_DIR/.local-stack" ]] || stack_die "$STACK_DIR is not a stack directory (no .local-stack marker): not touching it"
+  stack_dir_check
   if [[ -f "$STACK_DIR/$ENV_FILE_NAME" ]]; then
     load_env
     find_tools_light
     stack_log "stopping the stack in $STACK_DIR"
     stop_all
-    local name left=()
-    for name in $(all_pieces); do owned_pid "$name" >/dev/null && left+=("$name"); done
-    ((${#left[@]} == 0)) || stack_die "still running: ${left[*]} — $STACK_DIR kept"
-    for name in $(all_pieces); do
-      if port_in_use "$(piece_port "$name")"; then
-        stack_log "note: port $(piece_port "$name") ($name) is still in use ($(port_owner "$(piece_port "$name")"))"
-      fi
-    done
+    supervise_check_stopped
   fi
   rm -rf "$STACK_DIR"
   stack_log "stopped; removed $STACK_DIR"
@@ -630,15 +408,7 @@ cmd_piece() {
     stop) stop_one "$name" && stack_log "$name stopped" ;;
     start) start_one "$name" && stack_log "$name started, ready on port $(piece_port "$name")" ;;
     restart) stop_one "$name" && start_one "$name" && stack_log "$name started, ready on port $(piece_port "$name")" ;;
-    kill) # a crash: SIGKILL, no drain
-      local pid
-      if pid="$(owned_pid "$name")"; then
-        kill -KILL "$pid"; wait_gone "$pid" 10
-        rm -f "$STACK_DIR/pids/$name.pid" "$STACK_DIR/pids/$name.start"
-        stack_log "$name killed (pid $pid)"
-      else
-        stack_log "$name is not running"
-      fi ;;
+    kill) supervise_kill "$name" ;; # a crash: SIGKILL, no drain
   esac
 }
 

@@ -78,7 +78,7 @@ shot() { # URL OUT WIDTHxHEIGHT
   [[ -s "$2" ]] || { echo "no screenshot of $1" >&2; return 1; }
   printf '==> %s (%s bytes): %s\n' "${2#"$REPO_ROOT"/}" "$(stat -c %s "$2")" "$1"
 }
-urlencode() { "$PY" -c 'import sys, urllib.parse; print(urllib.parse.quote(sys.argv[1], safe=""))' "$1"; }
+urlencode() { "${E2E[@]}" urlencode "$1"; }
 
 mkdir -p "$OUT"
 g0="$(urlencode 'namespace:http_requests_error_ratio:rate5m')"
@@ -91,10 +91,5 @@ shot "$PROMETHEUS_URL/classic/alerts" "$OUT/alert-prometheus-alerts.png" 1200x90
 # response as it came, only indented, in a page of its own (Chromium shows raw JSON on one line).
 filter="$(urlencode 'alertname="HighErrorRate"')"
 api="/api/v2/alerts/groups?filter=$filter"
-curl -sf "$ALERTMANAGER_URL$api" | "$PY" -c '
-import html, json, sys
-groups = json.load(sys.stdin)
-print("<html><body style=\"font-family: sans-serif; margin: 16px\"><h2>Alertmanager: GET " + html.escape(sys.argv[1])
-      + "</h2><pre style=\"font-size: 14px\">" + html.escape(json.dumps(groups, indent=2)) + "</pre></body></html>")
-' "$api" >"$E2E_WORK/alertmanager.html"
+curl -sf "$ALERTMANAGER_URL$api" | "${E2E[@]}" json-page --title "Alertmanager: GET $api" >"$E2E_WORK/alertmanager.html"
 shot "file://$E2E_WORK/alertmanager.html" "$OUT/alert-alertmanager.png" 1200x1000

@@ -10,6 +10,8 @@ Usage: break_render.py RENDERED.yaml OUT.yaml BREAKAGE
                           the kubelets directly)
   cluster-wide-pods       Prometheus' ClusterRole also lists and watches pods in every namespace
   public-egress           Prometheus' egress to the API server is 0.0.0.0/0 again
+  no-health-check-affinity  the health-check CronJob's pod loses the affinity that keeps it on the
+                          node of the ReadWriteOnce backup volume
 """
 
 from __future__ import annotations
@@ -56,6 +58,9 @@ def main() -> int:
         policy = find(docs, "NetworkPolicy", "prometheus")
         rule = next(r for r in policy["spec"]["egress"] if any("ipBlock" in p for p in r.get("to") or []))
         rule["to"] = [{"ipBlock": {"cidr": "0.0.0.0/0"}}]
+    elif breakage == "no-health-check-affinity":
+        job = find(docs, "CronJob", "endpoint-stats-health-check")
+        del job["spec"]["jobTemplate"]["spec"]["template"]["spec"]["affinity"]
     else:
         sys.exit(f"unknown breakage {breakage!r}\n{__doc__}")
     with open(out, "w", encoding="utf-8") as f:

@@ -33,7 +33,7 @@ class Report:
 
     def finish(self) -> int:
         for failure in self.failures:
-            print(f"{self.name}: FAIL: {failure}")
+            print(f"FAIL {self.name}: {failure}")
         print(f"{self.name}: {self.checks - len(self.failures)} passed, {len(self.failures)} failed")
         return 1 if self.failures else 0
 

@@ -35,7 +35,7 @@ import urllib.request
 
 
 def out(kind: str, message: str) -> None:
-    print(f"{kind}: {message}", flush=True)
+    print(f"{kind} {message}", flush=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -429,6 +429,23 @@ def cmd_check_counts(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
+# ----------------------------------------------------------------------------------------------
+# Small steps of scripts/monitoring-screenshots.sh
+
+def cmd_urlencode(args: argparse.Namespace) -> int:
+    print(urllib.parse.quote(args.text, safe=""))
+    return 0
+
+
+def cmd_json_page(args: argparse.Namespace) -> int:
+    """JSON on stdin -> an HTML page showing it indented under TITLE (Chromium shows raw JSON on one line)."""
+    import html
+    data = json.load(sys.stdin)
+    print("<html><body style=\"font-family: sans-serif; margin: 16px\"><h2>" + html.escape(args.title)
+          + "</h2><pre style=\"font-size: 14px\">" + html.escape(json.dumps(data, indent=2)) + "</pre></body></html>")
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -478,6 +495,14 @@ def main() -> int:
     p.add_argument("--after", type=int, required=True)
     p.add_argument("--min-requests", type=int, default=500)
     p.set_defaults(func=cmd_check_counts)
+
+    p = sub.add_parser("urlencode")
+    p.add_argument("text")
+    p.set_defaults(func=cmd_urlencode)
+
+    p = sub.add_parser("json-page")
+    p.add_argument("--title", required=True)
+    p.set_defaults(func=cmd_json_page)
 
     args = parser.parse_args()
     return args.func(args)

@@ -4,19 +4,9 @@
 # shellcheck source=scripts/lib/stack-lib.sh
 source "$REPO_ROOT/scripts/lib/stack-lib.sh"
 
-E2E_FAILED=0
-E2E_PASSED=0
-E2E_FAILURES=()
-
-pass() { E2E_PASSED=$((E2E_PASSED + 1)); printf 'PASS: %s\n' "$*"; }
-fail() { E2E_FAILED=$((E2E_FAILED + 1)); E2E_FAILURES+=("$1"); printf 'FAIL: %s\n' "$*"; }
+# shellcheck source=tests/lib/checks.sh
+source "$REPO_ROOT/tests/lib/checks.sh"
 section() { printf '\n=== %s (t=%ss)\n' "$*" "$SECONDS"; }
-
-# record NAME CMD...: runs CMD (which prints its own PASS/FAIL details) and counts the result.
-record() {
-  local name="$1"; shift
-  if "$@"; then pass "$name"; else fail "$name"; fi
-}
 
 # pick_base_port: a random block of 20 free loopback ports (the stack uses BASE..BASE+19), below
 # the kernel's ephemeral range (outgoing connections take their local ports from there).

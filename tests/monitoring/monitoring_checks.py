@@ -10,6 +10,7 @@ with a list of problems on failure. Python 3 standard library plus PyYAML.
   dashboard    dashboard JSON shape; writes its queries as a rule file for `promtool check rules`
   selectors    the API routes (toward the SLO) are selected in one recording rule only
   kubernetes-panels  the queries only a cluster feeds, as promtool tests over fixture series
+  grafana-provisioning  the Grafana datasource and dashboard provider files
   metrics      every metric an alert, a recording rule or a panel reads is a known one
   prometheus-local-config   Kubernetes scrape config -> a copy the Debian Prometheus can load
   prometheus-targets        run Prometheus on that copy, compare discovered targets
@@ -24,17 +25,17 @@ import json
 import os
 import re
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.error
 import urllib.request
 
 import yaml
+
+# The repository's one supervision module (free ports, waiting, daemons of our own).
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "scripts", "lib"))
+from supervise import Daemon, free_port, wait_for  # noqa: E402
 
 MONITORING = "deploy/kubernetes/base/monitoring"
 RULES = f"{MONITORING}/prometheus/rules/endpoint-stats.rules.yml"
@@ -93,7 +94,7 @@ class Problems:
             for item in self.items:
                 print(f"  - {item}")
             sys.exit(1)
-        print(f"ok   {self.what}: {ok_message}")
+        print(f"PASS {self.what}: {ok_message}")
 
 
 def load_yaml(path):
@@ -523,12 +524,6 @@ def cmd_metrics(args):
 
 # -------------------------------------------------------------------------------- prometheus
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def cmd_prometheus_local_config(args):
     """The committed prometheus.yml, made loadable by the Debian Prometheus on this machine.
 
@@ -599,46 +594,6 @@ def http_json(url, data=None, timeout=5):
         return json.loads(raw) if raw else None
 
 
-def wait_for(what, fn, timeout, log=None):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        try:
-            result = fn()
-            if result:
-                return result
-        except (OSError, urllib.error.URLError, ValueError, KeyError) as e:
-            last = e
-        time.sleep(0.5)
-    tail = ""
-    if log and os.path.exists(log):
-        with open(log, encoding="utf-8", errors="replace") as f:
-            tail = "".join(f.readlines()[-15:])
-    raise SystemExit(f"FAIL timed out after {timeout}s waiting for {what} (last error: {last})\n{tail}")
-
-
-class Daemon:
-    """A process of ours, stopped by its pid (never by name) when the block ends."""
-
-    def __init__(self, argv, log):
-        self.log = log
-        self.logf = open(log, "w", encoding="utf-8")
-        self.proc = subprocess.Popen(argv, stdout=self.logf, stderr=subprocess.STDOUT, start_new_session=True)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.logf.close()
-
-
 def cmd_prometheus_targets(args):
     p = Problems("Prometheus relabelling of the discovered targets")
     with open(args.expected, encoding="utf-8") as f:
@@ -653,8 +608,7 @@ def cmd_prometheus_targets(args):
             want_pools = {t["scrapePool"] for t in expected["active"]}
 
             def targets():
-                if d.proc.poll() is not None:
-                    raise SystemExit(f"FAIL prometheus exited:\n{open(log, encoding='utf-8').read()[-3000:]}")
+                d.check_alive("prometheus")
                 data = http_json(f"{base}/api/v1/targets")["data"]
                 pools = {t["scrapePool"] for t in data["activeTargets"]}
                 return data if want_pools <= pools else None
@@ -780,8 +734,7 @@ def cmd_alertmanager_live(args):
         with Daemon([binary, f"--config.file={conf}", f"--storage.path={work}/data",
                      f"--web.listen-address=127.0.0.1:{port}", "--cluster.listen-address="], log) as d:
             def ready():
-                if d.proc.poll() is not None:
-                    raise SystemExit(f"FAIL alertmanager exited:\n{open(log, encoding='utf-8').read()[-3000:]}")
+                d.check_alive("alertmanager")
                 with urllib.request.urlopen(f"{base}/-/ready", timeout=2) as r:
                     return r.status == 200
 
@@ -858,6 +811,15 @@ def cmd_alerts(args):
 
 # ---------------------------------------------------------------------------------------- main
 
+def cmd_grafana_provisioning(args):
+    """The provisioning files: valid YAML, the Prometheus datasource uid and URL, the dashboards path."""
+    ds = load_yaml(args.datasources)["datasources"][0]
+    assert ds["uid"] == "prometheus" and ds["url"] == "http://prometheus.endpoint-stats.svc:9090", ds
+    prov = load_yaml(args.providers)["providers"][0]
+    assert prov["options"]["path"] == "/var/lib/grafana/dashboards", prov
+    print("datasource", ds["name"], ds["url"], "| provider", prov["name"], prov["options"]["path"])
+
+
 def main():
     root = os.environ.get("REPO_ROOT") or os.path.abspath(os.path.join(HERE, "..", ".."))
     os.chdir(root)
@@ -896,6 +858,11 @@ def main():
     s.add_argument("--list", action="store_true", help="print the panel queries the fixture covers, one per line")
     s.add_argument("--rules", default=RULES)
     s.set_defaults(fn=cmd_kubernetes_panels)
+
+    s = sub.add_parser("grafana-provisioning")
+    s.add_argument("--datasources", default=f"{MONITORING}/grafana/datasources.yml")
+    s.add_argument("--providers", default=f"{MONITORING}/grafana/dashboards.yml")
+    s.set_defaults(fn=cmd_grafana_provisioning)
 
     s = sub.add_parser("metrics")
     s.add_argument("--rules", default=RULES)

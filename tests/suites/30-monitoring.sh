@@ -17,35 +17,9 @@ DASHBOARD=$MON/grafana/dashboards/endpoint-statistics.json
 GENERATOR=$MON/grafana/dashboard.py
 HELPER=tests/monitoring/monitoring_checks.py
 
-passed=0
-failed=0
-failed_names=()
-
+# shellcheck source=tests/lib/checks.sh
+source tests/lib/checks.sh
 section() { printf '\n=== %s\n' "$*"; }
-pass() { passed=$((passed + 1)); printf 'PASS %s\n' "$*"; }
-fail() { failed=$((failed + 1)); failed_names+=("$*"); printf 'FAIL %s\n' "$*"; }
-
-# check NAME CMD...: runs CMD, shows its output, counts the result.
-check() {
-  local name=$1
-  shift
-  if "$@"; then pass "$name"; else fail "$name"; fi
-}
-
-# expect_failure NAME CMD...: CMD must fail; its message is shown as proof.
-expect_failure() {
-  local name=$1 out
-  shift
-  if out=$("$@" 2>&1); then
-    fail "$name (expected a failure, but it passed)"
-    printf '%s\n' "$out" | sed 's/^/    | /' | tail -n 20
-  else
-    pass "$name fails as it must:"
-    # the helpers' verdict starts at "FAIL"; the tools' messages come first
-    if grep -q '^FAIL ' <<<"$out"; then out=$(sed -n '/^FAIL /,$p' <<<"$out"); fi
-    printf '%s\n' "$out" | grep -v '^\s*$' | sed 's/^/    | /' | head -n 12
-  fi
-}
 
 # mutate SRC DST SED-SCRIPT: a broken copy; refuses to produce an unchanged one.
 mutate() {
@@ -73,7 +47,7 @@ if ! command -v prometheus-alertmanager >/dev/null && ! command -v alertmanager 
 fi
 PY=
 for candidate in python3 "$REPO_ROOT/.venv/bin/python"; do
-  if command -v "$candidate" >/dev/null && "$candidate" -c 'import yaml' 2>/dev/null; then
+  if command -v "$candidate" >/dev/null && "$candidate" scripts/lib/pymodules.py yaml 2>/dev/null; then
     PY=$candidate
     break
   fi
@@ -82,11 +56,11 @@ done
 # The dashboard generator needs its pinned SDK (grafana/requirements.txt), which ensure-deps.sh
 # installs into .venv.
 GEN_PY=$REPO_ROOT/.venv/bin/python
-"$GEN_PY" -c 'import grafana_foundation_sdk' 2>/dev/null ||
+"$GEN_PY" scripts/lib/pymodules.py grafana_foundation_sdk 2>/dev/null ||
   { echo "no $GEN_PY with grafana-foundation-sdk: run scripts/lib/ensure-deps.sh (or scripts/test.sh)"; exit 1; }
 promtool --version 2>&1 | head -n 1
 amtool --version 2>&1 | head -n 1
-echo "python: $PY ($("$PY" -c 'import yaml, sys; print(sys.version.split()[0], "PyYAML", yaml.__version__)'))"
+echo "python: $PY ($("$PY" scripts/lib/pymodules.py --versions yaml))"
 
 TMP=$(mktemp -d)
 trap 'rm -rf "$TMP"' EXIT
@@ -97,7 +71,7 @@ check "promtool check rules $RULES" promtool check rules "$RULES"
 check "every alert: severity, summary, templated description, runbook_url, plain for:, fire and quiet test cases" \
   "$PY" "$HELPER" rules
 mapfile -t test_files < <(find "$TESTS_DIR" -name '*.test.yml' | sort)
-((${#test_files[@]})) || fail "no promtool test files in $TESTS_DIR"
+((${#test_files[@]})) || check_fail "no promtool test files in $TESTS_DIR"
 check "promtool test rules (${#test_files[@]} files)" promtool test rules "${test_files[@]}"
 
 # --------------------------------------------------------------------------- prometheus.yml
@@ -132,9 +106,9 @@ while read -r alertname severity; do
   fi
 done < <("$PY" "$HELPER" alerts)
 if ((route_bad == 0 && route_ok > 0)); then
-  pass "amtool config routes test: $route_ok alerts route by severity (critical -> slack-incidents, warning -> slack-monitoring, Watchdog -> watchdog)"
+  check_pass "amtool config routes test: $route_ok alerts route by severity (critical -> slack-incidents, warning -> slack-monitoring, Watchdog -> watchdog)"
 else
-  fail "amtool config routes test: $route_bad of $((route_ok + route_bad)) alerts misrouted"
+  check_fail "amtool config routes test: $route_bad of $((route_ok + route_bad)) alerts misrouted"
 fi
 check "amtool config routes test: an alert without severity goes to the root receiver slack-monitoring" \
   amtool_routes_test --config.file="$AM" --verify.receivers=slack-monitoring alertname=SomethingNew
@@ -161,14 +135,7 @@ kubernetes_panels_test() { # DASHBOARD OUT: the Kubernetes-only queries over exp
 check "panels fed only by kube-state-metrics and cAdvisor show data (promtool, series as the exporters expose them)" \
   kubernetes_panels_test "$DASHBOARD" "$TMP/kubernetes-panels.test.yml"
 check "Grafana provisioning files are valid YAML with the Prometheus datasource uid" \
-  "$PY" -c '
-import sys, yaml
-ds = yaml.safe_load(open(sys.argv[1]))["datasources"][0]
-assert ds["uid"] == "prometheus" and ds["url"] == "http://prometheus.endpoint-stats.svc:9090", ds
-prov = yaml.safe_load(open(sys.argv[2]))["providers"][0]
-assert prov["options"]["path"] == "/var/lib/grafana/dashboards", prov
-print("datasource", ds["name"], ds["url"], "| provider", prov["name"], prov["options"]["path"])
-' "$MON/grafana/datasources.yml" "$MON/grafana/dashboards.yml"
+  "$PY" "$HELPER" grafana-provisioning
 
 # --------------------------------------------------------------------------- metrics
 section "Metric names"
@@ -178,8 +145,8 @@ check "every metric read by a rule or a panel has a source" "$PY" "$HELPER" metr
 section "Each check fails on broken input"
 mkdir -p "$TMP/bad"
 
-mutate "$RULES" "$TMP/bad/syntax.rules.yml" 's/rate5m > 0\.05$/rate5m > > 0.05/' || fail "could not make the broken copy"
-expect_failure "promtool check rules on a rules file with a PromQL syntax error" \
+mutate "$RULES" "$TMP/bad/syntax.rules.yml" 's/rate5m > 0\.05$/rate5m > > 0.05/' || check_fail "could not make the broken copy"
+check_fails "promtool check rules on a rules file with a PromQL syntax error" "" \
   promtool check rules "$TMP/bad/syntax.rules.yml"
 
 # broken_tree NAME: a copy of the rules folder layout (tests reference ../rules/ relatively).
@@ -190,118 +157,86 @@ broken_tree() {
 }
 
 tree=$(broken_tree for)
-mutate "$RULES" "$tree/rules/endpoint-stats.rules.yml" '0,/^( +)for: 5m$/s//\1for: five minutes/' || fail "could not make the broken copy"
-expect_failure "promtool check rules on a rules file with an invalid for: duration" \
+mutate "$RULES" "$tree/rules/endpoint-stats.rules.yml" '0,/^( +)for: 5m$/s//\1for: five minutes/' || check_fail "could not make the broken copy"
+check_fails "promtool check rules on a rules file with an invalid for: duration" "" \
   promtool check rules "$tree/rules/endpoint-stats.rules.yml"
-expect_failure "the rules convention check on the same file" \
+check_fails "the rules convention check on the same file" "" \
   "$PY" "$HELPER" rules --rules "$tree/rules/endpoint-stats.rules.yml" --tests "$tree/tests/*.test.yml"
 
 # A rule that still parses but is wrong: the unit tests must notice.
 tree=$(broken_tree threshold)
-mutate "$RULES" "$tree/rules/endpoint-stats.rules.yml" 's/rate5m > 0\.05$/rate5m > 0.5/' || fail "could not make the broken copy"
-expect_failure "promtool test rules against a rules file whose HighErrorRate threshold is 50% instead of 5%" \
+mutate "$RULES" "$tree/rules/endpoint-stats.rules.yml" 's/rate5m > 0\.05$/rate5m > 0.5/' || check_fail "could not make the broken copy"
+check_fails "promtool test rules against a rules file whose HighErrorRate threshold is 50% instead of 5%" "" \
   promtool test rules "$tree/tests/service.test.yml"
 
 # The dashboard draws the alert thresholds from the rules: one changed there changes the JSON.
-expect_failure "the generator check when HighErrorRate's threshold changed in the rules but not in the JSON" \
+check_fails "the generator check when HighErrorRate's threshold changed in the rules but not in the JSON" "" \
   "$GEN_PY" "$GENERATOR" --check --rules "$tree/rules/endpoint-stats.rules.yml"
 
 # An alert without a quiet test case: the coverage check must notice.
 tree=$(broken_tree coverage)
 cp "$RULES" "$tree/rules/endpoint-stats.rules.yml"
-"$PY" - "$tree/tests/kubernetes.test.yml" <<'EOF'
-import sys, yaml
-path = sys.argv[1]
-doc = yaml.safe_load(open(path))
-doc["tests"] = [t for t in doc["tests"] if not t["name"].startswith("VolumeNearlyFull stays quiet")]
-for t in doc["tests"]:
-    t["alert_rule_test"] = [a for a in t.get("alert_rule_test", [])
-                            if not (a["alertname"] == "VolumeNearlyFull" and not a.get("exp_alerts"))]
-yaml.safe_dump(doc, open(path, "w"), sort_keys=False)
-EOF
-expect_failure "the test coverage check when VolumeNearlyFull has no case where it must stay quiet" \
+"$PY" tests/monitoring/break_inputs.py no-quiet-case "$tree/tests/kubernetes.test.yml" VolumeNearlyFull
+check_fails "the test coverage check when VolumeNearlyFull has no case where it must stay quiet" "" \
   "$PY" "$HELPER" rules --rules "$tree/rules/endpoint-stats.rules.yml" --tests "$tree/tests/*.test.yml"
 
-mutate "$AM" "$TMP/bad/alertmanager.yml" 's/^( +- receiver: )slack-incidents$/\1slack-pager/' || fail "could not make the broken copy"
-expect_failure "amtool check-config on a configuration routing to an undefined receiver" \
+mutate "$AM" "$TMP/bad/alertmanager.yml" 's/^( +- receiver: )slack-incidents$/\1slack-pager/' || check_fail "could not make the broken copy"
+check_fails "amtool check-config on a configuration routing to an undefined receiver" "" \
   amtool check-config "$TMP/bad/alertmanager.yml"
 
-mutate "$AM" "$TMP/bad/route.alertmanager.yml" 's/^( +- )severity="critical"$/\1severity="page"/' || fail "could not make the broken copy"
-expect_failure "amtool config routes test when critical alerts no longer reach slack-incidents" \
+mutate "$AM" "$TMP/bad/route.alertmanager.yml" 's/^( +- )severity="critical"$/\1severity="page"/' || check_fail "could not make the broken copy"
+check_fails "amtool config routes test when critical alerts no longer reach slack-incidents" "" \
   amtool_routes_test --config.file="$TMP/bad/route.alertmanager.yml" \
   --verify.receivers=slack-incidents alertname=HighErrorRate severity=critical namespace=endpoint-stats
 
-mutate "$MON/prometheus/prometheus.yml" "$TMP/bad/prometheus.yml" 's/^(        regex: )postgres-exporter\|/\1(postgres-exporter|/' || fail "could not make the broken copy"
+mutate "$MON/prometheus/prometheus.yml" "$TMP/bad/prometheus.yml" 's/^(        regex: )postgres-exporter\|/\1(postgres-exporter|/' || check_fail "could not make the broken copy"
 "$PY" "$HELPER" prometheus-local-config --config "$TMP/bad/prometheus.yml" --out "$TMP/bad/prom" >/dev/null
-expect_failure "promtool check config on a scrape configuration with an invalid relabel regex" \
+check_fails "promtool check config on a scrape configuration with an invalid relabel regex" "" \
   promtool check config "$TMP/bad/prom/prometheus.yml"
 
 cp -r docs/runbooks "$TMP/bad/runbooks"
-mutate docs/runbooks/high-error-rate.md "$TMP/bad/runbooks/high-error-rate.md" 's/^# HighErrorRate$/# High error rate/' || fail "could not make the broken copy"
-expect_failure "the runbook link check when a runbook heading is renamed" \
+mutate docs/runbooks/high-error-rate.md "$TMP/bad/runbooks/high-error-rate.md" 's/^# HighErrorRate$/# High error rate/' || check_fail "could not make the broken copy"
+check_fails "the runbook link check when a runbook heading is renamed" "" \
   "$PY" "$HELPER" runbooks --runbooks-dir "$TMP/bad/runbooks"
 
-"$PY" - "$DASHBOARD" "$TMP/bad" <<'EOF'
-import json, sys
-src, out = sys.argv[1:]
-d = json.load(open(src))
-panel = next(p for p in d["panels"] if p["type"] != "row")
-saved = panel["targets"]
-panel["targets"] = []
-json.dump(d, open(f"{out}/no-target.json", "w"))
-panel["targets"] = saved
-panel["targets"][0]["expr"] = "sum(rate(http_requests_total{namespace=~\"$namespace\"}[$__rate_interval])"
-json.dump(d, open(f"{out}/bad-query.json", "w"))
-panel["targets"][0]["expr"] = "sum by (endpoint) (rate(flask_http_request_total[$__rate_interval]))"
-json.dump(d, open(f"{out}/old-metric.json", "w"))
-panel["targets"] = saved
-memory = next(p for p in d["panels"] if p.get("title") == "Memory per pod vs requests and limits")
-working_set = next(t for t in memory["targets"] if "container_memory_working_set_bytes" in t["expr"])
-assert ', container!="POD"' in working_set["expr"], working_set["expr"]
-working_set["expr"] = working_set["expr"].replace(', container!="POD"', "")
-json.dump(d, open(f"{out}/pause-container.json", "w"))
-EOF
+"$PY" tests/monitoring/break_inputs.py dashboards "$DASHBOARD" "$TMP/bad"
 # A hand edit of the JSON: a panel that selects the API routes itself again.
 mutate "$DASHBOARD" "$TMP/bad/hand-edit.json" \
   '0,/api:http_requests_total\{namespace/s//http_requests_total{job=\\"endpoint-stats\\", route!~\\"\/health|\/ready|\/metrics\\", namespace/' \
-  || fail "could not make the broken copy"
-expect_failure "the generator check on a hand-edited dashboard JSON" \
+  || check_fail "could not make the broken copy"
+check_fails "the generator check on a hand-edited dashboard JSON" "" \
   "$GEN_PY" "$GENERATOR" --check --dashboard "$TMP/bad/hand-edit.json"
-expect_failure "the selector check on the same JSON (a panel names the API routes itself)" \
+check_fails "the selector check on the same JSON (a panel names the API routes itself)" "" \
   "$PY" "$HELPER" selectors --dashboard "$TMP/bad/hand-edit.json"
-expect_failure "the Kubernetes panel test when a panel sums the pause container's memory into the pod's" \
+check_fails "the Kubernetes panel test when a panel sums the pause container's memory into the pod's" "" \
   kubernetes_panels_test "$TMP/bad/pause-container.json" "$TMP/bad/kubernetes-panels.test.yml"
-expect_failure "the dashboard check on a dashboard with a panel without a target" \
+check_fails "the dashboard check on a dashboard with a panel without a target" "" \
   "$PY" "$HELPER" dashboard --dashboard "$TMP/bad/no-target.json"
 "$PY" "$HELPER" dashboard --dashboard "$TMP/bad/bad-query.json" --rules-out "$TMP/bad/dashboard-queries.yml" >/dev/null
-expect_failure "promtool check rules on the queries of a dashboard with a broken query" \
+check_fails "promtool check rules on the queries of a dashboard with a broken query" "" \
   promtool check rules "$TMP/bad/dashboard-queries.yml"
-expect_failure "the metric source check on a dashboard that still reads the Flask metric" \
+check_fails "the metric source check on a dashboard that still reads the Flask metric" "" \
   "$PY" "$HELPER" metrics --dashboard "$TMP/bad/old-metric.json"
 
 # The live checks: a relabelling that no longer gives job="endpoint-stats", and a critical alert
 # that no longer inhibits its warning.
 mutate "$MON/prometheus/prometheus.yml" "$TMP/bad/job.prometheus.yml" \
   's/^( +- source_labels: \[__meta_kubernetes_pod_label_app)_kubernetes_io_name\]$/\1_kubernetes_io_instance]/' \
-  || fail "could not make the broken copy"
+  || check_fail "could not make the broken copy"
 "$PY" "$HELPER" prometheus-local-config --config "$TMP/bad/job.prometheus.yml" --out "$TMP/bad/prom-job" >/dev/null
-expect_failure "the live Prometheus target check when the job label is taken from the wrong pod label" \
+check_fails "the live Prometheus target check when the job label is taken from the wrong pod label" "" \
   "$PY" "$HELPER" prometheus-targets --config "$TMP/bad/prom-job/prometheus.yml"
 
 mutate "$AM" "$TMP/bad/inhibit.alertmanager.yml" '/^inhibit_rules:/,/^receivers:/s/^( +- )severity="warning"$/\1severity="info"/' \
-  || fail "could not make the broken copy"
-expect_failure "the live Alertmanager check when critical no longer inhibits warning" \
+  || check_fail "could not make the broken copy"
+check_fails "the live Alertmanager check when critical no longer inhibits warning" "" \
   "$PY" "$HELPER" alertmanager-live --config "$TMP/bad/inhibit.alertmanager.yml"
 
 mutate "$AM" "$TMP/bad/webhook.alertmanager.yml" 's|(api_url_file: /etc/alertmanager/secrets/)slack-webhook-monitoring$|\1slack-webhook-incidents|' \
-  || fail "could not make the broken copy"
-expect_failure "the live Alertmanager check when #monitoring posts through the #incidents webhook" \
+  || check_fail "could not make the broken copy"
+check_fails "the live Alertmanager check when #monitoring posts through the #incidents webhook" "" \
   "$PY" "$HELPER" alertmanager-live --config "$TMP/bad/webhook.alertmanager.yml"
 
 # --------------------------------------------------------------------------- summary
 section "summary"
-echo "monitoring: $passed checks passed, $failed failed"
-if ((failed)); then
-  printf '  failed: %s\n' "${failed_names[@]}"
-  exit 1
-fi
+check_summary monitoring

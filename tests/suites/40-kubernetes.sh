@@ -18,6 +18,7 @@
 #      only, each with a negative control (tests/deploy/break_render.py)
 #   5. hadolint on the Dockerfile, check-jsonschema on .github/workflows/
 # Nothing is written inside the repository.
+# test.sh: needs=binary
 set -euo pipefail
 cd "$REPO_ROOT"
 export PYTHONDONTWRITEBYTECODE=1 # no __pycache__ in the repository
@@ -27,34 +28,8 @@ MONITORING="$KUBE_DIR/base/monitoring"
 VENV="$REPO_ROOT/.venv"
 PY="$VENV/bin/python"
 
-passed=0 failed=0 failures=()
-ok() { passed=$((passed + 1)); printf 'ok   %s\n' "$1"; }
-bad() { failed=$((failed + 1)); failures+=("$1"); printf 'FAIL %s\n' "$1"; }
-# step NAME CMD...: runs CMD, output shown only on failure
-step() {
-  local name="$1" out
-  shift
-  if out="$("$@" 2>&1)"; then ok "$name"; else bad "$name"; printf '%s\n' "$out" | tail -40 | sed 's/^/     /'; fi
-}
-# fails_for NAME REASON CMD...: CMD, run on a broken input, must fail, and name REASON in its output
-fails_for() {
-  local name="$1" reason="$2" out
-  shift 2
-  if out="$("$@" 2>&1)"; then
-    bad "$name: passed, but must fail"
-  elif grep -qF -- "$reason" <<<"$out"; then
-    ok "$name fails as it must: $(grep -m1 FAIL <<<"$out" | cut -c1-140)"
-  else
-    bad "$name: failed, but not for \"$reason\""
-    printf '%s\n' "$out" | tail -5 | sed 's/^/     /'
-  fi
-}
-# step_verbose NAME CMD...: runs CMD, output always shown
-step_verbose() {
-  local name="$1"
-  shift
-  if "$@" 2>&1 | sed 's/^/     /'; then ok "$name"; else bad "$name"; fi
-}
+# shellcheck source=tests/lib/checks.sh
+source tests/lib/checks.sh
 
 # ---- tools ---------------------------------------------------------------------------------
 command -v kubectl >/dev/null || { echo "40-kubernetes: kubectl is required (with its built-in kustomize)" >&2; exit 1; }
@@ -88,11 +63,11 @@ find "$T/overlays" -path '*/secrets/*' -type f ! -name '*.example' -delete
 # 1a. without its secret files an overlay does not render, and says which file is missing
 for overlay in minikube production; do
   if out="$(kubectl kustomize "$T/overlays/$overlay" 2>&1)"; then
-    bad "overlays/$overlay renders without its secret files (it must not)"
+    check_fail "overlays/$overlay renders without its secret files (it must not)"
   elif grep -q 'secrets/database.env\|secrets/database-admin.env\|secrets/redis.env\|secrets/alertmanager-slack.env\|secrets/grafana.env' <<<"$out"; then
-    ok "overlays/$overlay without secret files fails, naming the file"
+    check_pass "overlays/$overlay without secret files fails, naming the file"
   else
-    bad "overlays/$overlay without secret files fails without naming the file: $out"
+    check_fail "overlays/$overlay without secret files fails without naming the file: $out"
   fi
 done
 
@@ -124,57 +99,34 @@ declare -A RENDER=(
 VARIANTS=(base minikube production operator external-postgres)
 for v in "${VARIANTS[@]}"; do
   if kubectl kustomize "$T/${RENDER[$v]}" >"$TMP/$v.yaml" 2>"$TMP/$v.err"; then
-    ok "kubectl kustomize ${RENDER[$v]} ($(grep -c '^kind:' "$TMP/$v.yaml") objects)"
+    check_pass "kubectl kustomize ${RENDER[$v]} ($(grep -c '^kind:' "$TMP/$v.yaml") objects)"
   else
-    bad "kubectl kustomize ${RENDER[$v]}"
+    check_fail "kubectl kustomize ${RENDER[$v]}"
     sed 's/^/     /' "$TMP/$v.err"
     : >"$TMP/$v.yaml"
   fi
 done
 
 # ---- 2. schemas --------------------------------------------------------------------------------
-newest="$("$PY" -c 'from kubernetes_validate import utils; print(utils.latest_version())')"
+newest="$("$PY" tests/deploy/latest_schema_version.py)"
 for version in 1.29.0 1.30.0 "$newest"; do
   for v in "${VARIANTS[@]}"; do
     # custom resources (ServiceMonitor) have no bundled schema: warned about, checked in step 4
-    step "kubernetes-validate --strict $version ${RENDER[$v]}" \
+    check_quiet "kubernetes-validate --strict $version ${RENDER[$v]}" \
       "$VENV/bin/kubernetes-validate" --strict --quiet --no-warn -k "$version" "$TMP/$v.yaml"
   done
 done
 
 # ---- 3. policy scan -------------------------------------------------------------------------
-checkov_summary() { # checkov_summary NAME JSON: fails on any failed check or unjustified skip
-  "$PY" - "$@" <<'PY'
-import json, sys
-name, path = sys.argv[1], sys.argv[2]
-data = json.load(open(path))
-reports = data if isinstance(data, list) else [data]
-bad = 0
-for rep in reports:
-    res = rep.get("results", {})
-    for f in res.get("failed_checks", []):
-        bad += 1
-        print(f"failed {f['check_id']} {f['check_name']} on {f['resource']}")
-    for s in res.get("skipped_checks", []):
-        reason = (s.get("check_result") or {}).get("suppress_comment") or ""
-        if len(reason.strip()) < 20:
-            bad += 1
-            print(f"skip without a reason: {s['check_id']} on {s['resource']}")
-        else:
-            print(f"skipped {s['check_id']} on {s['resource']}: {reason}")
-    summ = rep.get("summary", {})
-    print(f"{name}: {summ.get('passed')} passed, {summ.get('failed')} failed, {summ.get('skipped')} skipped")
-sys.exit(1 if bad else 0)
-PY
-}
+checkov_summary() { "$PY" tests/deploy/checkov_summary.py "$@"; } # NAME JSON: fails on a failed check or an unjustified skip
 export BC_SKIP_MAPPING=TRUE   # no network lookups for guideline links
 for v in minikube production operator external-postgres; do
   "$VENV/bin/checkov" -f "$TMP/$v.yaml" --framework kubernetes --compact --skip-download -o json \
     >"$TMP/checkov-$v.json" 2>"$TMP/checkov-$v.err" || true
   if [[ -s "$TMP/checkov-$v.json" ]] && checkov_summary "${RENDER[$v]}" "$TMP/checkov-$v.json" >"$TMP/checkov-$v.txt"; then
-    ok "checkov ${RENDER[$v]}: $(tail -1 "$TMP/checkov-$v.txt")"
+    check_pass "checkov ${RENDER[$v]}: $(tail -1 "$TMP/checkov-$v.txt")"
   else
-    bad "checkov ${RENDER[$v]}"
+    check_fail "checkov ${RENDER[$v]}"
     sed 's/^/     /' "$TMP/checkov-$v.txt" "$TMP/checkov-$v.err" 2>/dev/null | grep -v '^     skipped' | tail -40
   fi
 done
@@ -186,33 +138,27 @@ echo "     checkov skips (reason in place, next to the object):"
 "$VENV/bin/checkov" -f Dockerfile --framework dockerfile --compact --skip-download -o json \
   >"$TMP/checkov-dockerfile.json" 2>"$TMP/checkov-dockerfile.err" || true
 if [[ -s "$TMP/checkov-dockerfile.json" ]] && checkov_summary Dockerfile "$TMP/checkov-dockerfile.json" >"$TMP/checkov-dockerfile.txt"; then
-  ok "checkov Dockerfile: $(tail -1 "$TMP/checkov-dockerfile.txt")"
+  check_pass "checkov Dockerfile: $(tail -1 "$TMP/checkov-dockerfile.txt")"
 else
-  bad "checkov Dockerfile"
+  check_fail "checkov Dockerfile"
   sed 's/^/     /' "$TMP/checkov-dockerfile.txt" "$TMP/checkov-dockerfile.err" 2>/dev/null | tail -20
 fi
 
 # ---- 4. cross-checks -------------------------------------------------------------------------
 for v in "${VARIANTS[@]}"; do
-  step_verbose "cross-checks ${RENDER[$v]}" "$PY" tests/deploy/check_manifests.py "$TMP/$v.yaml" --variant "$v" \
+  check "cross-checks ${RENDER[$v]}" "$PY" tests/deploy/check_manifests.py "$TMP/$v.yaml" --variant "$v" \
     --repo-root "$REPO_ROOT" --monitoring-dir "$MONITORING"
 done
 # The cross-checks can fail: the base render with the health-check Job's backup-volume affinity gone.
-"$PY" - "$TMP/base.yaml" "$TMP/bad-affinity.yaml" <<'PY'
-import sys, yaml
-docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]
-job = next(d for d in docs if d["kind"] == "CronJob" and d["metadata"]["name"] == "endpoint-stats-health-check")
-del job["spec"]["jobTemplate"]["spec"]["template"]["spec"]["affinity"]
-yaml.safe_dump_all(docs, open(sys.argv[2], "w"))
-PY
-fails_for "cross-checks on a render whose health-check Job lost the backup-volume affinity" \
+"$PY" tests/deploy/break_render.py "$TMP/base.yaml" "$TMP/bad-affinity.yaml" no-health-check-affinity
+check_fails "cross-checks on a render whose health-check Job lost the backup-volume affinity" \
   "CronJob/endpoint-stats-health-check mounts ReadWriteOnce claim" \
   "$PY" tests/deploy/check_manifests.py "$TMP/bad-affinity.yaml" --variant base --repo-root "$REPO_ROOT" \
   --monitoring-dir "$MONITORING"
 # Least privilege (issue 16): each check fails on the production render broken in one way.
 least_privilege_control() { # least_privilege_control BREAKAGE REASON DESCRIPTION
   "$PY" tests/deploy/break_render.py "$TMP/production.yaml" "$TMP/bad-$1.yaml" "$1"
-  fails_for "cross-checks on a render where $3" "$2" \
+  check_fails "cross-checks on a render where $3" "$2" \
     "$PY" tests/deploy/check_manifests.py "$TMP/bad-$1.yaml" --variant production --repo-root "$REPO_ROOT" \
     --monitoring-dir "$MONITORING"
 }
@@ -226,29 +172,27 @@ least_privilege_control cluster-wide-pods "the scrape jobs need it only in names
   "Prometheus may list pods cluster-wide, where its job is namespaced"
 least_privilege_control public-egress "public addresses" \
   "Prometheus' egress to the API server is 0.0.0.0/0"
-step_verbose "metric names read by rules and dashboards have producers" "$PY" tests/deploy/check_metrics.py \
+check "metric names read by rules and dashboards have producers" "$PY" tests/deploy/check_metrics.py \
   --repo-root "$REPO_ROOT" --monitoring-dir "$MONITORING"
 sed 's/horizontalpodautoscalers,//' deploy/kubernetes/base/kube-state-metrics/deployment.yaml >"$TMP/ksm-no-hpa.yaml"
-fails_for "the metric check on a kube-state-metrics without --resources horizontalpodautoscalers" \
+check_fails "the metric check on a kube-state-metrics without --resources horizontalpodautoscalers" \
   "does not expose horizontalpodautoscalers" \
   "$PY" tests/deploy/check_metrics.py --repo-root "$REPO_ROOT" --monitoring-dir "$MONITORING" \
   --ksm-deployment "$TMP/ksm-no-hpa.yaml"
-step_verbose "scripts/render-prometheusrule.sh wraps the rules file faithfully" "$PY" tests/deploy/check_prometheusrule.py \
+check "scripts/render-prometheusrule.sh wraps the rules file faithfully" "$PY" tests/deploy/check_prometheusrule.py \
   --repo-root "$REPO_ROOT"
 
 # ---- 5. image and CI -----------------------------------------------------------------------
-step "hadolint Dockerfile" "$VENV/bin/hadolint" Dockerfile
+check_quiet "hadolint Dockerfile" "$VENV/bin/hadolint" Dockerfile
 mapfile -t workflows < <(find .github/workflows -name '*.yml' -o -name '*.yaml' 2>/dev/null | sort)
 if ((${#workflows[@]})); then
-  step "check-jsonschema vendor.github-workflows ${workflows[*]}" \
+  check_quiet "check-jsonschema vendor.github-workflows ${workflows[*]}" \
     "$VENV/bin/check-jsonschema" --builtin-schema vendor.github-workflows "${workflows[@]}"
 else
-  bad "no workflow in .github/workflows"
+  check_fail "no workflow in .github/workflows"
 fi
 
 # ---- nothing left behind -------------------------------------------------------------------
-if [[ "$(snapshot)" == "$before" ]]; then ok "no file created or removed in deploy/kubernetes or .github"; else bad "the suite changed files in the repository"; fi
+if [[ "$(snapshot)" == "$before" ]]; then check_pass "no file created or removed in deploy/kubernetes or .github"; else check_fail "the suite changed files in the repository"; fi
 
-if ((failed)); then printf '40-kubernetes: failed: %s\n' "${failures[@]}"; fi
-echo "40-kubernetes: $passed passed, $failed failed"
-((failed == 0))
+check_summary 40-kubernetes
