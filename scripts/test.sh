@@ -65,20 +65,17 @@ not_run() { # not_run SUITE REASON
   echo 0 >"$LOGS/$1.time"
   echo 1 >"$LOGS/$1.rc"
 }
-# lane [--after-build] [--yield] SUITE...: the suites one after the other, once the machine is
-# ready (and the build has succeeded, with --after-build). With --yield they run at a lower CPU
-# priority: the cargo lane (build, clippy, tests) is the run's critical path, and the other suites,
-# which mostly wait on their own processes, still end well before it.
+# lane [--after-build] SUITE...: the suites one after the other, once the machine is ready (and
+# the build has succeeded, with --after-build).
 lane() {
-  local after_build=0 priority=() suite
+  local after_build=0 suite
   if [[ "${1:-}" == --after-build ]]; then after_build=1; shift; fi
-  if [[ "${1:-}" == --yield ]]; then priority=(nice -n 5); shift; fi
   if ! wait_for_file "$LOGS/ready.rc"; then return; fi
   if ((after_build)) && ! wait_for_file "$LOGS/build.rc"; then
     for suite; do not_run "$suite" "not run: the build failed (target/test-logs/build.log)"; done
     return
   fi
-  for suite; do run_step "$suite" "${priority[@]}" bash "tests/suites/$suite.sh"; done
+  for suite; do run_step "$suite" bash "tests/suites/$suite.sh"; done
 }
 
 # Lanes: the build and then the cargo suites; a lane per lane= name; a lane per other suite.
@@ -120,12 +117,12 @@ log "building endpoint-stats (profile ci): target/test-logs/build.log"
 lane_pids+=($!)
 for key in "${free_lanes[@]}"; do
   # shellcheck disable=SC2086 # the lane's suite names, split on purpose
-  lane --yield ${lane_suites[$key]} &
+  lane ${lane_suites[$key]} &
   lane_pids+=($!)
 done
 for key in "${after_build_lanes[@]}"; do
   # shellcheck disable=SC2086
-  lane --after-build --yield ${lane_suites[$key]} &
+  lane --after-build ${lane_suites[$key]} &
   lane_pids+=($!)
 done
 set +m
