@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use crate::helpers::delay_proxy::DelayProxy;
 use crate::helpers::{
-    self, access_count, client, heavy, settings, Bin, OwnRedis, Replica, TestApp, TestDatabase, TestRedisPrefix,
+    self, access_count, client, heavy, sample, settings, Bin, OwnRedis, Replica, TestApp, TestDatabase, TestRedisPrefix,
 };
 use futures_util::stream::{self, StreamExt};
 
@@ -95,10 +95,7 @@ async fn exact_with_commits_overlapping_across_a_round_trip() {
     for address in &addresses {
         let metrics =
             client().get(format!("{address}/metrics")).send().await.expect("metrics").text().await.expect("text");
-        let limit = metrics
-            .lines()
-            .find_map(|line| line.strip_prefix("endpoint_stats_db_commits_in_flight_limit "))
-            .and_then(|value| value.trim().parse::<f64>().ok());
+        let limit = sample(&metrics, "endpoint_stats_db_commits_in_flight_limit");
         assert!(limit.is_some_and(|limit| limit >= 2.0), "{address}: commits did not overlap (limit {limit:?})");
     }
 }
@@ -148,18 +145,23 @@ async fn concurrent_stats_answers_are_unique_and_include_themselves() {
     app.shutdown().await;
 }
 
+/// One replica under a burst of `GET /`, sent `signal` once the burst has got going (without
+/// warning, for KILL); its exit status and every answer of the burst.
+async fn signal_under_load(database: &TestDatabase, signal: &str) -> (Option<i32>, Vec<(u16, Option<i64>)>) {
+    let mut replica = Replica::start(&database.url, &[]).await;
+    let address = replica.address.clone();
+    let load = tokio::spawn(async move { burst(&[address], "/", 20_000, 32).await });
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    replica.signal(signal);
+    let exit = replica.wait().await;
+    (exit, load.await.expect("load task"))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_loses_no_count_a_client_saw() {
     let _heavy = heavy().await;
     let database = TestDatabase::create().await;
-    let mut replica = Replica::start(&database.url, &[]).await;
-    let address = replica.address.clone();
-    let load = tokio::spawn(async move { burst(&[address], "/", 20_000, 32).await });
-    // Let the burst get going, then kill without warning.
-    tokio::time::sleep(Duration::from_millis(700)).await;
-    replica.signal("KILL");
-    let _ = replica.wait().await;
-    let answers = load.await.expect("load task");
+    let (_, answers) = signal_under_load(&database, "KILL").await;
 
     let seen: Vec<i64> = answers.iter().filter(|(status, _)| *status == 200).filter_map(|(_, c)| *c).collect();
     assert!(seen.len() > 100, "the burst was too short to test anything ({} answers)", seen.len());
@@ -176,13 +178,7 @@ async fn sigkill_loses_no_count_a_client_saw() {
 async fn sigterm_drains_in_flight_requests_and_exits_zero() {
     let _heavy = heavy().await;
     let database = TestDatabase::create().await;
-    let mut replica = Replica::start(&database.url, &[]).await;
-    let address = replica.address.clone();
-    let load = tokio::spawn(async move { burst(&[address], "/", 20_000, 32).await });
-    tokio::time::sleep(Duration::from_millis(700)).await;
-    replica.signal("TERM");
-    let exit = replica.wait().await;
-    let answers = load.await.expect("load task");
+    let (exit, answers) = signal_under_load(&database, "TERM").await;
 
     assert_eq!(exit, Some(0), "SIGTERM must end the process with status 0");
     let ok: Vec<i64> = answers.iter().filter(|(status, _)| *status == 200).filter_map(|(_, c)| *c).collect();
@@ -253,7 +249,7 @@ async fn database_outage_answers_503_quickly_and_recovers_by_itself() {
     let metrics = app.get("/metrics").await.text().await.expect("metrics");
     for operation in ["commit", "read"] {
         let series = format!("endpoint_stats_db_errors_total{{operation=\"{operation}\"}}");
-        let value = metrics.lines().find_map(|l| l.strip_prefix(&series)).and_then(|v| v.trim().parse::<f64>().ok());
+        let value = sample(&metrics, &series);
         assert!(value.is_some_and(|v| v >= 1.0), "{series} is {value:?} after failures of the outage");
     }
     assert_eq!(app.get_json("/health").await.0, 200);

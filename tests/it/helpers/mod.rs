@@ -296,3 +296,9 @@ pub async fn access_count(response: reqwest::Response) -> i64 {
     let body: serde_json::Value = response.json().await.expect("JSON");
     body["access_count"].as_i64().expect("access_count")
 }
+
+/// The value of one sample in a `/metrics` scrape: `series` is the name with its labels as the
+/// exposition writes them (`name{label="value"}`), `None` when the scrape has no such sample.
+pub fn sample(scrape: &str, series: &str) -> Option<f64> {
+    scrape.lines().find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
+}
