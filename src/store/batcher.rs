@@ -257,7 +257,8 @@ async fn run(
         if !open && batch.is_empty() && in_flight.is_empty() {
             break; // closed, drained and answered
         }
-        let may_take = open && batch.len() < MAX_BATCH && in_flight.len() < pacing.allowed_in_flight();
+        let below_limit = in_flight.len() < pacing.allowed_in_flight();
+        let may_take = open && batch.len() < MAX_BATCH && below_limit;
         let next_start = last_start.map(|last| last + pacing.spacing());
         let room = MAX_BATCH - batch.len();
         tokio::select! {
@@ -268,10 +269,11 @@ async fn run(
                     let allowed = i64::try_from(pacing.allowed_in_flight()).unwrap_or(i64::MAX);
                     context.metrics.db_commits_in_flight_limit.set(allowed);
                 }
-                // Connections beyond what the pacing now allows are given back.
+                // Connections beyond what the pacing now allows are closed, on a task of their
+                // own: the batcher does not wait a round trip for it.
                 match connection {
                     Some(connection) if idle.len() < pacing.allowed_in_flight() => idle.push(connection),
-                    Some(connection) => connection.close().await,
+                    Some(connection) => drop(tokio::spawn(connection.close())),
                     None => {}
                 }
             }
@@ -282,7 +284,7 @@ async fn run(
             }
             // Arrivals normally trigger the next start; this wakes a held batch when none come.
             // Tokio's timer rounds up to a millisecond: late, never early.
-            () = sleep_until_or_never(next_start), if !batch.is_empty() && in_flight.len() < pacing.allowed_in_flight() => {}
+            () = sleep_until_or_never(next_start), if !batch.is_empty() && below_limit => {}
             // From here on sends fail at once, and what was queued before is still received.
             () = stop.notified(), if open => receiver.close(),
         }
